@@ -1,0 +1,1 @@
+"""Generated from proto/robot_inference.proto by proto/generate.py. Do not edit."""

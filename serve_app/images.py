@@ -1,0 +1,131 @@
+"""Camera bytes -> uint8 RGB frame at the model's resolution.
+
+Decoding is bounded before any pixel is allocated: the header's size is
+checked against `max_pixels`, so a decompression bomb costs a few hundred
+bytes of parsing, not gigabytes of memory. Only JPEG and PNG decoders are
+reachable from the wire.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from serve_app.errors import invalid
+
+COMPRESSED_ENCODINGS = frozenset({"jpeg", "jpg", "png"})
+RAW_ENCODING = "raw"
+ACCEPTED_ENCODINGS = "jpeg, jpg, png, raw"
+# Pillow's own bomb guard would only warn below twice its limit; ours is the one that acts.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on one decoded camera frame (24 MP covers a 6K sensor)."""
+
+    max_pixels: int = 24_000_000
+
+
+def decode_image(
+    data: bytes,
+    encoding: str,
+    *,
+    width: int = 0,
+    height: int = 0,
+    camera: int = 0,
+    target_hw: tuple[int, int] | None = None,
+    limits: ImageLimits = ImageLimits(),
+) -> np.ndarray:
+    """Decode one camera frame to uint8 HWC RGB.
+
+    `target_hw` is a hint: JPEG decoding may downscale by a power of two in the
+    DCT (much cheaper than decoding full size) while staying at least that big.
+    """
+    label = encoding.strip().lower()
+    where = f"camera {camera}"
+    if not data:
+        raise invalid(f"{where}: image_data is empty")
+    if label in COMPRESSED_ENCODINGS:
+        return _decode_compressed(data, label, where, target_hw, limits)
+    if label == RAW_ENCODING:
+        if width or height:
+            return _decode_raw_uint8(data, width, height, where, limits)
+        return _decode_raw_float(data, where, limits)
+    raise invalid(f"{where}: unknown encoding {encoding!r}; use one of {ACCEPTED_ENCODINGS}")
+
+
+def _decode_compressed(data, label, where, target_hw, limits) -> np.ndarray:
+    try:
+        image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG"])
+    except Exception:
+        raise invalid(
+            f"{where}: {len(data)} bytes labelled {label!r} are not a JPEG or PNG image"
+        ) from None
+    w, h = image.size
+    if w <= 0 or h <= 0 or w * h > limits.max_pixels:
+        raise invalid(
+            f"{where}: image is {w}x{h} pixels, over the limit of {limits.max_pixels} pixels"
+        )
+    try:
+        if target_hw is not None and image.format == "JPEG":
+            image.draft("RGB", (target_hw[1], target_hw[0]))
+        rgb = image.convert("RGB")
+    except Exception as exc:
+        raise invalid(
+            f"{where}: corrupt or truncated {image.format} image ({len(data)} bytes): {exc}"
+        ) from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode_raw_uint8(data, width, height, where, limits) -> np.ndarray:
+    if width <= 0 or height <= 0:
+        raise invalid(f"{where}: raw uint8 frames need both width and height > 0, got {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise invalid(f"{where}: raw frame {width}x{height} is over the limit of {limits.max_pixels} pixels")
+    expected = width * height * 3
+    if len(data) != expected:
+        raise invalid(
+            f"{where}: raw uint8 {width}x{height}x3 frame needs {expected} bytes, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+
+
+def _decode_raw_float(data, where, limits) -> np.ndarray:
+    # OpenTau's layout: float32 HWC RGB in [0, 1], square, side = sqrt(n / 3).
+    if len(data) % 12:
+        raise invalid(
+            f"{where}: raw float32 RGB frame must be a multiple of 12 bytes, got {len(data)}; "
+            "for uint8 frames set width and height"
+        )
+    pixels = len(data) // 12
+    side = int(round(pixels**0.5))
+    if side * side != pixels:
+        raise invalid(
+            f"{where}: raw float32 frame of {pixels} pixels is not square; "
+            "send uint8 frames with width and height for other shapes"
+        )
+    if pixels > limits.max_pixels:
+        raise invalid(f"{where}: raw frame {side}x{side} is over the limit of {limits.max_pixels} pixels")
+    values = np.frombuffer(data, dtype="<f4").reshape(side, side, 3)
+    if not np.isfinite(values).all():
+        raise invalid(f"{where}: raw float32 frame contains NaN or infinity")
+    return (np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def letterbox(frame: np.ndarray, target_hw: tuple[int, int]) -> np.ndarray:
+    """Resize keeping the aspect ratio, centred on black padding (as training did)."""
+    th, tw = target_hw
+    h, w = frame.shape[:2]
+    if (h, w) == (th, tw):
+        return frame
+    scale = min(th / h, tw / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BILINEAR))
+    out = np.zeros((th, tw, 3), dtype=np.uint8)
+    top, left = (th - nh) // 2, (tw - nw) // 2
+    out[top : top + nh, left : left + nw] = resized
+    return out

@@ -1,0 +1,230 @@
+"""The Serve deployment: gRPC ingress and policy replica in one actor (no extra hop).
+
+Data flows one way:
+    request bytes -> parse_observation (decode pool) -> batch queue
+    -> ObservationBatch.stack + policy.predict (inference thread) -> chunk_response
+
+Unary calls and every open stream feed the same `@serve.batch` queue, so
+robots on different connections share forward passes. The event loop only
+routes: decoding, stacking and the forward pass run on worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import ray
+import torch
+from grpc_health.v1 import health_pb2
+from ray import serve
+
+from policy_wire import robot_inference_pb2 as pb
+from serve_app.auth import ApiKeyGate
+from serve_app.checkpoint import open_checkpoint
+from serve_app.device import assigned_device, memory_gb
+from serve_app.errors import RequestError
+from serve_app.images import ImageLimits
+from serve_app.observation import Observation, ObservationBatch, parse_observation
+from serve_app.policies import load_policy
+from serve_app.responses import ChunkResult, ReplicaIdentity, chunk_response, error_response
+
+logger = logging.getLogger("ray.serve")
+SERVICE_NAME = "robot_inference.RobotPolicyService"
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """The live-tunable part of the deployment (`user_config` in serve_config.yaml)."""
+
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.002
+
+    @classmethod
+    def from_user_config(cls, config: dict) -> "BatchSettings":
+        unknown = set(config) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        settings = cls(**config)
+        if settings.max_batch_size < 1 or settings.batch_wait_timeout_s < 0:
+            raise ValueError(f"user_config: need max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {settings}")
+        return settings
+
+
+@dataclass
+class _Queued:
+    observation: Observation
+    enqueued_at: float
+
+
+@serve.deployment(name="RobotPolicy", max_ongoing_requests=256)
+class RobotPolicyReplica:
+    def __init__(
+        self,
+        checkpoint: str,
+        api_key_env: str | None = "INFERENCE_API_KEY",
+        api_key_file: str | None = None,
+        device: str = "auto",
+        decode_threads: int = 2,
+        torch_threads: int | None = None,
+        max_image_pixels: int = ImageLimits.max_pixels,
+    ):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self._auth = ApiKeyGate.from_sources(api_key_env, api_key_file)
+        ckpt = open_checkpoint(checkpoint)
+        self._gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        self._device = assigned_device(self._gpu_ids, device)
+        self._policy = load_policy(ckpt, self._device)
+        self._spec = self._policy.spec
+        self._policy_type = ckpt.policy_type
+        self._limits = ImageLimits(max_pixels=max_image_pixels)
+        self._who = ReplicaIdentity(checkpoint_id=ckpt.checkpoint_id(), replica_id=_replica_id())
+        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        # One inference thread: forward passes never overlap on the device.
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._warmed_up = False
+        self._probe()
+        self._warmed_up = True
+        logger.info(
+            "serving %s checkpoint %s (%s) on %s, gpu ids %s",
+            self._policy_type, self._who.checkpoint_id, ckpt.weights_path, self._device, self._gpu_ids,
+        )
+
+    # --- operator knobs -------------------------------------------------
+
+    def reconfigure(self, user_config: dict) -> None:
+        settings = BatchSettings.from_user_config(user_config or {})
+        self._run_batch.set_max_batch_size(settings.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        logger.info("batch settings now %s", settings)
+
+    # --- RobotPolicyService ------------------------------------------------
+
+    async def GetActionChunk(self, request: pb.ObservationRequest, grpc_context=None) -> pb.ActionChunkResponse:
+        try:
+            self._auth.check(grpc_context)
+            return await self._answer(request)
+        except RequestError as err:
+            _set_status(grpc_context, err)
+            return pb.ActionChunkResponse(request_id=request.request_id)
+
+    async def StreamActionChunks(self, request_stream, grpc_context=None):
+        try:
+            self._auth.check(grpc_context)
+        except RequestError as err:
+            _set_status(grpc_context, err)
+            return
+        async for request in request_stream:
+            try:
+                yield await self._answer(request)
+            except RequestError as err:
+                # Answer this message in-band and keep the stream (and the robot) going.
+                yield error_response(request.request_id, err, self._who)
+
+    async def HealthCheck(self, request: pb.HealthCheckRequest, grpc_context=None) -> pb.HealthCheckResponse:
+        try:
+            self._auth.check(grpc_context)
+        except RequestError as err:
+            _set_status(grpc_context, err)
+            return pb.HealthCheckResponse()
+        used, total = memory_gb(self._device)
+        spec = self._spec
+        return pb.HealthCheckResponse(
+            healthy=self._warmed_up,
+            status="SERVING" if self._warmed_up else "WARMING_UP",
+            model_name=self._policy_type,
+            device=self._device,
+            gpu_memory_used_gb=used,
+            gpu_memory_total_gb=total,
+            num_cameras=spec.num_cameras,
+            min_cameras=spec.min_cameras,
+            image_height=spec.image_height,
+            image_width=spec.image_width,
+            state_dim=spec.state_dim,
+            action_dim=spec.action_dim,
+            chunk_length=spec.chunk_length,
+            max_delay=spec.max_delay,
+            max_prompt_bytes=spec.max_prompt_bytes,
+            policy_type=self._policy_type,
+            checkpoint_id=self._who.checkpoint_id,
+            replica_id=self._who.replica_id,
+            warmed_up=self._warmed_up,
+            gpu_ids=self._gpu_ids,
+        )
+
+    # --- grpc.health.v1 (standard probes; no API key: they carry no metadata) ---
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        if request.service not in ("", SERVICE_NAME):
+            _set_status(grpc_context, RequestError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"))
+            return health_pb2.HealthCheckResponse()
+        status = health_pb2.HealthCheckResponse.SERVING if self._warmed_up else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    # --- Ray's health probe: a real forward pass on the replica's device ---
+
+    async def check_health(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._infer_pool, self._probe)
+
+    # --- the hot path ----------------------------------------------------
+
+    async def _answer(self, request: pb.ObservationRequest) -> pb.ActionChunkResponse:
+        loop = asyncio.get_running_loop()
+        observation = await loop.run_in_executor(
+            self._decode_pool, parse_observation, request, self._spec, self._limits
+        )
+        result = await self._run_batch(_Queued(observation, time.perf_counter()))
+        return chunk_response(request.request_id, result, self._who)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _run_batch(self, queued: list[_Queued]) -> list[ChunkResult]:
+        loop = asyncio.get_running_loop()
+        started, actions = await loop.run_in_executor(self._infer_pool, self._forward, [q.observation for q in queued])
+        inference_ms = (time.perf_counter() - started) * 1e3
+        return [
+            ChunkResult(
+                actions=actions[i],
+                inference_ms=inference_ms,
+                queue_ms=(started - q.enqueued_at) * 1e3,
+                batch_size=len(queued),
+            )
+            for i, q in enumerate(queued)
+        ]
+
+    def _forward(self, observations: list[Observation]) -> tuple[float, np.ndarray]:
+        started = time.perf_counter()
+        return started, self._policy.predict(ObservationBatch.stack(observations))
+
+    def _probe(self) -> None:
+        """A forward pass on a blank observation; raises if the replica cannot compute."""
+        spec = self._spec
+        blank = Observation(
+            images=np.zeros((spec.num_cameras, spec.image_height, spec.image_width, 3), np.uint8),
+            camera_mask=np.ones(spec.num_cameras, bool),
+            state=np.zeros(spec.state_dim, np.float32),
+            prompt="",
+            prefix=np.zeros((spec.chunk_length, spec.action_dim), np.float32),
+            delay=0,
+        )
+        actions = self._policy.predict(ObservationBatch.stack([blank]))
+        if actions.shape != (1, spec.chunk_length, spec.action_dim) or not np.isfinite(actions).all():
+            raise RuntimeError(f"health probe: policy returned {actions.shape} with non-finite values")
+
+
+def _set_status(grpc_context, err: RequestError) -> None:
+    if grpc_context is not None:
+        grpc_context.set_code(err.code)
+        grpc_context.set_details(err.message)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # constructed outside Serve (unit tests, benchmarks)
+        return "local"

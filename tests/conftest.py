@@ -1,0 +1,108 @@
+"""Shared fixtures: one real Ray cluster per test session, Serve with gRPC on loopback.
+
+`serve_app_at(...)` deploys the real application (serve_app.app:build_app) with
+the given args and options, redeploying only when they differ from what is
+running, and returns the loopback address robots connect to.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from policy_wire import robot_inference_pb2 as pb
+from policy_wire import robot_inference_pb2_grpc as pb_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
+SERVICERS = [
+    "policy_wire.robot_inference_pb2_grpc.add_RobotPolicyServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+DEFAULT_USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(address: str, metadata=(), timeout_s: float = 60.0, until=lambda h: True) -> pb.HealthCheckResponse:
+    """Poll HealthCheck until it answers and `until(response)` holds (routes reach the proxy asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.RobotPolicyServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                health = stub.HealthCheck(pb.HealthCheckRequest(), metadata=metadata, timeout=5)
+                if health.healthy and until(health):
+                    return health
+                last = health
+            except grpc.RpcError as exc:
+                last = exc
+            time.sleep(0.2)
+    raise TimeoutError(f"app at {address} not ready: {last}")
+
+
+class ServeHarness:
+    def __init__(self, grpc_port: int):
+        self.address = f"127.0.0.1:{grpc_port}"
+        self._current: str | None = None
+
+    def deploy(self, args: dict | None = None, metadata=(), **options) -> str:
+        from ray import serve
+
+        from serve_app.app import build_app
+
+        args = {"checkpoint": str(DEMO_CHECKPOINT), **(args or {})}
+        options.setdefault("user_config", DEFAULT_USER_CONFIG)
+        options.setdefault("num_replicas", 1)
+        key = json.dumps([args, options], sort_keys=True, default=str)
+        if key != self._current:
+            self._current = None
+            serve.run(build_app(args, **options), name="robot_policy", route_prefix="/")
+            self._current = key
+        wait_for_health(self.address, metadata=metadata)
+        return self.address
+
+    def forget(self) -> None:
+        """Force the next deploy() to redeploy (after a test changed the app behind our back)."""
+        self._current = None
+
+
+@pytest.fixture(scope="session")
+def serve_harness():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    grpc_port = free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": free_port()},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICERS),
+    )
+    try:
+        yield ServeHarness(grpc_port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture()
+def demo_app(serve_harness) -> str:
+    """Address of the demo checkpoint served with default test settings (no auth)."""
+    return serve_harness.deploy()
+
+
+@pytest.fixture()
+def stub(demo_app):
+    with grpc.insecure_channel(demo_app) as channel:
+        yield pb_grpc.RobotPolicyServiceStub(channel)
