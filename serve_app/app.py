@@ -29,8 +29,8 @@ def resolve_checkpoint(path: str) -> str:
     return str(p.resolve())
 
 
-def build_app(args: dict[str, Any], **deployment_options: Any) -> Application:
-    """`args` as in serve_config.yaml; `deployment_options` are for callers in Python (tests, launcher)."""
+def build_app(args: dict[str, Any]) -> Application:
+    """The entry point Serve calls with the `args` of serve_config.yaml."""
     args = dict(args)
     unknown = set(args) - REPLICA_ARGS
     if unknown:
@@ -38,6 +38,5 @@ def build_app(args: dict[str, Any], **deployment_options: Any) -> Application:
     if "checkpoint" not in args:
         raise ValueError("serve_app: args.checkpoint is required (a checkpoint directory or its train_config.json)")
     args["checkpoint"] = resolve_checkpoint(args["checkpoint"])
-    verify_checkpoint(open_checkpoint(args["checkpoint"]))
-    deployment = RobotPolicyReplica.options(**deployment_options) if deployment_options else RobotPolicyReplica
-    return deployment.bind(**args)
+    verify_checkpoint(open_checkpoint(args["checkpoint"], args.get("pretrained_path")))
+    return RobotPolicyReplica.bind(**args)

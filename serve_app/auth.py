@@ -40,7 +40,7 @@ class ApiKeyGate:
         if key:
             logger.info("API key auth on (key from env %s)", env_var)
         else:
-            logger.warning("API key auth OFF: set %s or api_key_file to require x-api-key", env_var)
+            logger.warning("API key auth OFF: no key in %s and no api_key_file; any client may call", env_var or "(no env var)")
         return cls(key)
 
     def check(self, grpc_context) -> None:

@@ -65,11 +65,12 @@ class Checkpoint:
 def open_checkpoint(path: str | Path, pretrained_path: str | Path | None = None) -> Checkpoint:
     """Locate and read a checkpoint: a directory, or the path of its train_config.json.
 
-    The weights are the model.safetensors beside train_config.json. Only when
-    there is none there does `policy.pretrained_path` (or the override given
-    here) name the directory holding them: a training config records the
-    weights it started from in that field, and serving those by accident
-    would be a silent wrong model.
+    The weights are, in order: those named by `pretrained_path` here (the
+    launcher's --policy.pretrained_path); the model.safetensors beside
+    train_config.json; the directory in the config's `policy.pretrained_path`.
+    The file beside the config wins over the config's field because a
+    training run records there the weights it *started* from, and serving
+    those by accident would be a silent wrong model.
     """
     path = Path(path).expanduser()
     config_path = path / CONFIG_NAME if path.is_dir() else path
@@ -84,23 +85,29 @@ def open_checkpoint(path: str | Path, pretrained_path: str | Path | None = None)
     policy = train_config.get("policy")
     if not isinstance(policy, dict) or not isinstance(policy.get("type"), str):
         raise CheckpointError(f"{config_path}: missing 'policy.type' (e.g. \"pi05\")")
-    weights_path = _locate_weights(config_path, pretrained_path or policy.get("pretrained_path"))
+    weights_path = _locate_weights(config_path, pretrained_path, policy.get("pretrained_path"))
     return Checkpoint(config_path=config_path, weights_path=weights_path, train_config=train_config)
 
 
-def _locate_weights(config_path: Path, pretrained_path) -> Path:
+def _locate_weights(config_path: Path, override, from_config) -> Path:
+    if override:  # named on the command line: the operator means it
+        return _weights_in(config_path, override, "--policy.pretrained_path")
     beside = config_path.parent / WEIGHTS_NAME
     if beside.is_file():
         return beside
-    if pretrained_path:
-        named = Path(pretrained_path).expanduser()
-        if not named.is_absolute():
-            named = config_path.parent / named
-        candidate = named / WEIGHTS_NAME if named.suffix != ".safetensors" else named
-        if candidate.is_file():
-            return candidate
-        raise CheckpointError(f"{candidate}: no such file (from policy.pretrained_path); refusing to serve random weights")
+    if from_config:
+        return _weights_in(config_path, from_config, "policy.pretrained_path")
     raise CheckpointError(f"{beside}: no such file, and policy.pretrained_path is not set; refusing to serve random weights")
+
+
+def _weights_in(config_path: Path, directory, source: str) -> Path:
+    named = Path(directory).expanduser()
+    if not named.is_absolute():
+        named = config_path.parent / named
+    candidate = named if named.suffix == ".safetensors" else named / WEIGHTS_NAME
+    if not candidate.is_file():
+        raise CheckpointError(f"{candidate}: no such file (from {source}); refusing to serve random weights")
+    return candidate
 
 
 def read_weight_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:

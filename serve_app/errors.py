@@ -18,6 +18,10 @@ class RequestError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):
+        # Ray ships exceptions between processes; rebuild with both arguments.
+        return (type(self), (self.code, self.message))
+
 
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -67,6 +67,7 @@ class RobotPolicyReplica:
     def __init__(
         self,
         checkpoint: str,
+        pretrained_path: str | None = None,
         api_key_env: str | None = "INFERENCE_API_KEY",
         api_key_file: str | None = None,
         device: str = "auto",
@@ -77,7 +78,7 @@ class RobotPolicyReplica:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self._auth = ApiKeyGate.from_sources(api_key_env, api_key_file)
-        ckpt = open_checkpoint(checkpoint)
+        ckpt = open_checkpoint(checkpoint, pretrained_path)
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         self._device = assigned_device(self._gpu_ids, device)
         self._policy = load_policy(ckpt, self._device)
@@ -118,8 +119,10 @@ class RobotPolicyReplica:
         try:
             self._auth.check(grpc_context)
         except RequestError as err:
+            # A stream that yields nothing never carries its context back to
+            # the proxy; a status set before raising does survive the raise.
             _set_status(grpc_context, err)
-            return
+            raise
         async for request in request_stream:
             try:
                 yield await self._answer(request)

@@ -1,6 +1,6 @@
 """Shared fixtures: one real Ray cluster per test session, Serve with gRPC on loopback.
 
-`serve_app_at(...)` deploys the real application (serve_app.app:build_app) with
+`serve_harness.deploy(...)` deploys the real application (serve_app.app:build_app) with
 the given args and options, redeploying only when they differ from what is
 running, and returns the loopback address robots connect to.
 """
@@ -24,6 +24,7 @@ SERVICERS = [
     "policy_wire.robot_inference_pb2_grpc.add_RobotPolicyServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+APP_NAME = "robot_policy"
 DEFAULT_USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
 
 
@@ -51,30 +52,67 @@ def wait_for_health(address: str, metadata=(), timeout_s: float = 60.0, until=la
     raise TimeoutError(f"app at {address} not ready: {last}")
 
 
+class DeployFailed(RuntimeError):
+    pass
+
+
 class ServeHarness:
+    """Deploys the app declaratively, the way `serve run/deploy serve_config.yaml` does.
+
+    Going through the controller's config path (not `serve.run` of a bound app)
+    matters: it is what lets a user_config change reach `reconfigure` on the
+    running replicas instead of replacing them.
+    """
+
     def __init__(self, grpc_port: int):
         self.address = f"127.0.0.1:{grpc_port}"
         self._current: str | None = None
 
-    def deploy(self, args: dict | None = None, metadata=(), **options) -> str:
-        from ray import serve
-
-        from serve_app.app import build_app
-
+    def deploy(self, args: dict | None = None, metadata=(), timeout_s: float = 120, **options) -> str:
         args = {"checkpoint": str(DEMO_CHECKPOINT), **(args or {})}
         options.setdefault("user_config", DEFAULT_USER_CONFIG)
         options.setdefault("num_replicas", 1)
         key = json.dumps([args, options], sort_keys=True, default=str)
         if key != self._current:
             self._current = None
-            serve.run(build_app(args, **options), name="robot_policy", route_prefix="/")
+            self._apply(args, options, timeout_s)
             self._current = key
-        wait_for_health(self.address, metadata=metadata)
+        wait_for_health(self.address, metadata=metadata, timeout_s=timeout_s)
         return self.address
 
     def forget(self) -> None:
         """Force the next deploy() to redeploy (after a test changed the app behind our back)."""
         self._current = None
+
+    @staticmethod
+    def _apply(args: dict, options: dict, timeout_s: float) -> None:
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+        config = ServeDeploySchema.parse_obj(
+            {
+                "applications": [
+                    {
+                        "name": APP_NAME,
+                        "route_prefix": "/",
+                        "import_path": "serve_app.app:build_app",
+                        "args": args,
+                        "deployments": [{"name": "RobotPolicy", **options}],
+                    }
+                ]
+            }
+        )
+        client = _get_global_client()
+        client.deploy_apps(config)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = {s.name: s.app_status for s in client.list_serve_statuses()}.get(APP_NAME)
+            if status is not None and status.status == ApplicationStatus.RUNNING:
+                return
+            if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+                raise DeployFailed(status.message)
+            time.sleep(0.2)
+        raise TimeoutError(f"app {APP_NAME} not RUNNING after {timeout_s}s")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,57 @@
+"""`python -m serve_app --config_path=...`: OpenTau's command line starts the same app."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve_app.__main__ import launch_plan, parse_args
+from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, wait_for_health
+
+
+def test_plan_takes_port_from_the_command_line_then_the_checkpoint():
+    plan = launch_plan(parse_args([f"--config_path={DEMO_CHECKPOINT}/train_config.json", "--server.port=6001"]))
+    assert plan["grpc_options"]["port"] == 6001
+    assert plan["applications"][0]["args"]["checkpoint"] == str(DEMO_CHECKPOINT / "train_config.json")
+    plan = launch_plan(parse_args([f"--config_path={DEMO_CHECKPOINT}", "--server.max_workers=300"]))
+    assert plan["grpc_options"]["port"] == 50051  # the checkpoint's server section
+    assert plan["applications"][0]["deployments"][0]["max_ongoing_requests"] == 300
+
+
+def test_max_workers_never_caps_batching():
+    plan = launch_plan(parse_args([f"--config_path={DEMO_CHECKPOINT}", "--server.max_workers=2"]))
+    deployment = plan["applications"][0]["deployments"][0]
+    assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
+
+
+def test_serve_config_is_what_the_launcher_reads():
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    assert config["grpc_options"]["port"] == 50051
+    assert config["applications"][0]["import_path"] == "serve_app.app:build_app"
+
+
+@pytest.mark.serve
+def test_launcher_serves_the_checkpoint(tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DASHBOARD_PORT": str(free_port())}
+    log = (tmp_path / "launcher.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}", "--address=local"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        health = wait_for_health(f"127.0.0.1:{port}", timeout_s=180)
+        assert health.policy_type == "visuomotor_chunk" and health.chunk_length == 16
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

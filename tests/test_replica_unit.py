@@ -1,0 +1,61 @@
+"""The deployment class on its own (no Ray, no gRPC). Batching needs Serve: see test_serving.py."""
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from policy_wire import robot_inference_pb2 as pb
+from serve_app.replica import BatchSettings, RobotPolicyReplica
+from tests.conftest import DEMO_CHECKPOINT
+from tests.payloads import observation
+
+
+@pytest.fixture()
+def replica():
+    return RobotPolicyReplica.func_or_class(checkpoint=str(DEMO_CHECKPOINT), api_key_env=None)
+
+
+class Context:
+    def __init__(self, metadata=()):
+        self.metadata, self.code, self.details = metadata, None, None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+def test_check_health_runs_a_real_forward_pass_and_fails_on_broken_weights(replica):
+    asyncio.run(replica.check_health())
+    with torch.no_grad():
+        replica._policy.net.head[0].weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        asyncio.run(replica.check_health())
+
+
+def test_unary_bad_input_sets_status_on_the_context(replica):
+    context = Context()
+    request = observation()
+    request.ClearField("images")
+    response = asyncio.run(replica.GetActionChunk(request, grpc_context=context))
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "images" in context.details
+    assert not response.action_chunk
+
+
+def test_user_config_is_validated():
+    assert BatchSettings.from_user_config({"max_batch_size": 3}).max_batch_size == 3
+    with pytest.raises(ValueError, match="unknown keys"):
+        BatchSettings.from_user_config({"max_batch": 3})
+    with pytest.raises(ValueError, match="max_batch_size >= 1"):
+        BatchSettings.from_user_config({"max_batch_size": 0})
+
+
+def test_health_check_response(replica):
+    health = asyncio.run(replica.HealthCheck(pb.HealthCheckRequest(), grpc_context=Context()))
+    assert health.healthy and health.replica_id == "local" and health.chunk_length == 16
