@@ -30,6 +30,7 @@ from serve_app.checkpoint import open_checkpoint
 from serve_app.device import assigned_device, memory_gb
 from serve_app.errors import RequestError
 from serve_app.images import ImageLimits
+from serve_app.metrics import ReplicaMetrics
 from serve_app.observation import Observation, ObservationBatch, parse_observation
 from serve_app.policies import load_policy
 from serve_app.responses import ChunkResult, ReplicaIdentity, chunk_response, error_response
@@ -89,6 +90,7 @@ class RobotPolicyReplica:
         self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         # One inference thread: forward passes never overlap on the device.
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._metrics = ReplicaMetrics()
         self._warmed_up = False
         self._probe()
         self._warmed_up = True
@@ -178,11 +180,25 @@ class RobotPolicyReplica:
     # --- the hot path ----------------------------------------------------
 
     async def _answer(self, request: pb.ObservationRequest) -> pb.ActionChunkResponse:
+        """One observation -> its chunk; every failure comes out as a RequestError."""
         loop = asyncio.get_running_loop()
-        observation = await loop.run_in_executor(
-            self._decode_pool, parse_observation, request, self._spec, self._limits
-        )
-        result = await self._run_batch(_Queued(observation, time.perf_counter()))
+        try:
+            observation = await loop.run_in_executor(
+                self._decode_pool, parse_observation, request, self._spec, self._limits
+            )
+            result = await self._run_batch(_Queued(observation, time.perf_counter()))
+        except RequestError as err:
+            self._metrics.rejected(err.code)
+            raise
+        except Exception:
+            # A fault of ours, not the robot's: the traceback goes to the log,
+            # the robot gets a status it can act on (retry, or hold).
+            logger.exception("inference failed for request %r", request.request_id)
+            self._metrics.rejected(grpc.StatusCode.INTERNAL)
+            raise RequestError(
+                grpc.StatusCode.INTERNAL, f"inference failed on replica {self._who.replica_id}; see the server log"
+            ) from None
+        self._metrics.answered(result)
         return chunk_response(request.request_id, result, self._who)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
