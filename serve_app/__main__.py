@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policy.pretrained_path", dest="pretrained_path", default=None)
     parser.add_argument("--serve_config", type=Path, default=REPO_ROOT / "serve_config.yaml")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    parser.add_argument("--no_dashboard", action="store_true", help="start the local cluster without Ray's dashboard")
     return parser.parse_args(argv)
 
 
@@ -59,7 +60,7 @@ def launch_plan(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def run(config: dict[str, Any], address: str | None) -> None:
+def run(config: dict[str, Any], address: str | None, dashboard: bool = True) -> None:
     """What `serve run` does with a config file: start Serve with its proxy options, apply the config."""
     import ray
     from ray import serve
@@ -67,7 +68,7 @@ def run(config: dict[str, Any], address: str | None) -> None:
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    ray.init(address=address)
+    ray.init(address=address, include_dashboard=dashboard if address in (None, "local") else None)
     grpc = config["grpc_options"]
     serve.start(
         proxy_location=config.get("proxy_location", "EveryNode"),
@@ -90,7 +91,7 @@ def run(config: dict[str, Any], address: str | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    run(launch_plan(args), args.address)
+    run(launch_plan(args), args.address, dashboard=not args.no_dashboard)
 
 
 if __name__ == "__main__":

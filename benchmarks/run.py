@@ -1,0 +1,171 @@
+"""Play N robots against three servers on the same checkpoint, side by side in one run.
+
+    python -m benchmarks.run            # full run (~10 min): benchmarks/results/serving.json + serving.png
+    python -m benchmarks.run --quick    # seconds per scenario; proves the harness works (CI runs it)
+
+Servers: `direct` (one grpcio process, one inference thread, no batching:
+OpenTau's architecture), `serve_default` (our app, Serve's default gRPC proxy)
+and `serve_haproxy` (our app, Serve's throughput-optimised HAProxy ingress).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks import model_throughput
+from benchmarks.robots import Scenario, play, summarize
+from benchmarks.servers import HAPROXY_ENV, REPO_ROOT, ResourceMeter, direct, ray_serve
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scenarios(quick: bool, seconds: float) -> list[Scenario]:
+    if quick:
+        return [
+            Scenario(robots=2, mode="unary", loop="closed", seconds=1.0),
+            Scenario(robots=2, mode="stream", loop="closed", seconds=1.0),
+            Scenario(robots=2, mode="stream", loop="paced", seconds=1.0, ticks_per_chunk=4),
+        ]
+    return [
+        Scenario(robots=1, mode="unary", loop="closed", seconds=seconds),
+        Scenario(robots=1, mode="stream", loop="closed", seconds=seconds),
+        Scenario(robots=16, mode="unary", loop="closed", seconds=seconds),
+        Scenario(robots=16, mode="stream", loop="closed", seconds=seconds),
+        Scenario(robots=16, mode="unary", loop="paced", seconds=seconds, ticks_per_chunk=4),
+        Scenario(robots=16, mode="stream", loop="paced", seconds=seconds, ticks_per_chunk=4),
+        Scenario(robots=64, mode="stream", loop="closed", seconds=seconds),
+    ]
+
+
+def environment() -> dict:
+    versions = {p: metadata.version(p) for p in ("ray", "grpcio", "torch", "numpy", "pillow", "protobuf")}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "python": platform.python_version(), "versions": versions, "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def run_server(server, plan: list[Scenario], work: Path, warmup_s: float) -> dict:
+    server.start(work)
+    try:
+        asyncio.run(play(server.address, Scenario(robots=4, mode="stream", loop="closed", seconds=warmup_s)))
+        out = {}
+        for scenario in plan:
+            meter = ResourceMeter(server)
+            logs, wall = asyncio.run(play(server.address, scenario))
+            out[scenario.name] = {**summarize(logs, wall), "server": meter.read(), "scenario": scenario.__dict__}
+            print(f"  {server.name:14s} {scenario.name:18s} {out[scenario.name]['throughput_per_s']:8.1f}/s "
+                  f"p50 {out[scenario.name]['latency_ms']['p50']} p99 {out[scenario.name]['latency_ms']['p99']} "
+                  f"batch {out[scenario.name]['batch_size']} err {out[scenario.name]['errors']}", flush=True)
+        return out
+    finally:
+        server.stop()
+
+
+def targets(results: dict, model: dict) -> dict:
+    """Issue 5's targets as ratios within this one run (None where a scenario was not run)."""
+    d, ours = results.get("direct", {}), {k: v for k, v in results.items() if k != "direct"}
+
+    def get(server, scenario, *path):
+        node = results.get(server, {}).get(scenario)
+        for key in path:
+            node = None if node is None else node.get(key)
+        return node
+
+    out = {}
+    for name in ours:
+        row = {}
+        for mode in ("unary", "stream"):
+            s16, s1 = f"closed-{mode}-16", f"closed-{mode}-1"
+            if s16 in d and s16 in ours[name]:
+                row[f"{mode}_16_throughput_x_direct"] = round(get(name, s16, "throughput_per_s") / get("direct", s16, "throughput_per_s"), 2)
+                row[f"{mode}_16_p99_x_direct"] = round(get(name, s16, "latency_ms", "p99") / get("direct", s16, "latency_ms", "p99"), 2)
+            if s1 in d and s1 in ours[name]:
+                row[f"{mode}_1_p50_minus_direct_ms"] = round(get(name, s1, "latency_ms", "p50") - get("direct", s1, "latency_ms", "p50"), 2)
+        sat = get(name, "closed-stream-64", "throughput_per_s")
+        if sat is not None:
+            row["saturation_x_model_best"] = round(sat / model["best_samples_per_s"], 2)
+        out[name] = row
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    scen = list(next(iter(results.values())))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(scen))]
+        axes[0].bar(xs, [results[name][s]["throughput_per_s"] for s in scen], width, label=name)
+        axes[1].bar(xs, [results[name][s]["latency_ms"]["p99"] or 0 for s in scen], width, label=name)
+    for ax, title in zip(axes, ("throughput (chunks/s)", "p99 latency (ms)")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scen))], scen, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--servers", default="direct,serve_default,serve_haproxy")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or RESULTS / ("serving_quick.json" if args.quick else "serving.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = REPO_ROOT / "checkpoints" / "demo"
+    plan = scenarios(args.quick, args.seconds)
+
+    print("model alone ...", flush=True)
+    model = model_throughput.measure(checkpoint, seconds=0.3 if args.quick else 2.0,
+                                     batch_sizes=(1, 16) if args.quick else (1, 2, 4, 8, 16, 32))
+    print(f"  best {model['best_samples_per_s']}/s at batch {model['best_batch_size']}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        factories = {
+            "direct": lambda: direct(free_port(), checkpoint),
+            "serve_default": lambda: ray_serve("serve_default", free_port(), free_port(), USER_CONFIG, work),
+            "serve_haproxy": lambda: ray_serve("serve_haproxy", free_port(), free_port(), USER_CONFIG, work, env=HAPROXY_ENV),
+        }
+        for name in args.servers.split(","):
+            print(f"{name} ...", flush=True)
+            results[name] = run_server(factories[name](), plan, work, warmup_s=0.5 if args.quick else 2.0)
+    report = {"environment": environment(), "settings": {"user_config": USER_CONFIG, "quick": args.quick},
+              "model_alone": model, "servers": results, "targets": targets(results, model)}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print(json.dumps(report["targets"], indent=2))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Start and stop the servers under test as process trees, and measure what they use."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import yaml
+
+from policy_wire import robot_inference_pb2 as pb
+from policy_wire import robot_inference_pb2_grpc as pb_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HAPROXY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+@dataclass
+class ServerUnderTest:
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path, ready_timeout_s: float = 180) -> None:
+        self.log_path = log_dir / f"{self.name}.log"
+        self.proc = subprocess.Popen(
+            self.argv, cwd=REPO_ROOT, env={**os.environ, **self.env}, stdout=self.log_path.open("w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + ready_timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.RobotPolicyServiceStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
+                try:
+                    if stub.HealthCheck(pb.HealthCheckRequest(), timeout=2).healthy:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.name} not healthy after {ready_timeout_s}s; see {self.log_path}")
+
+    def processes(self) -> list[psutil.Process]:
+        if self.proc is None:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        tree = self.processes()
+        for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            _, alive = psutil.wait_procs(tree, timeout=wait)
+            if not alive:
+                break
+        for p in tree:  # Ray daemons may have left the process group
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc = None
+
+
+class ResourceMeter:
+    """CPU seconds and peak RSS of a process tree over a window."""
+
+    def __init__(self, server: ServerUnderTest):
+        self.server = server
+        self._cpu0 = self._cpu()
+        self._t0 = time.perf_counter()
+
+    def _cpu(self) -> dict[int, float]:
+        out = {}
+        for p in self.server.processes():
+            try:
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system + t.children_user + t.children_system
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def read(self) -> dict:
+        cpu1 = self._cpu()
+        wall = time.perf_counter() - self._t0
+        used = sum(v - self._cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+        rss = 0
+        for p in self.server.processes():
+            try:
+                rss += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return {"cpu_cores": round(used / wall, 2), "rss_mib": round(rss / 2**20, 1)}
+
+
+def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_args: dict | None = None) -> Path:
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    config["grpc_options"]["port"] = port
+    config["http_options"]["port"] = http_port
+    app = config["applications"][0]
+    app["args"]["checkpoint"] = str(REPO_ROOT / "checkpoints" / "demo")
+    app["args"].update(extra_args or {})
+    app["deployments"][0]["user_config"] = user_config
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def ray_serve(name: str, port: int, http_port: int, user_config: dict, work: Path, env: dict | None = None) -> ServerUnderTest:
+    """Our app from serve_config.yaml, started like `serve run` but without the dashboard
+    (the launcher does the same deploy; the dashboard would only add noise and port clashes)."""
+    config = serve_config(port, http_port, user_config, work / f"{name}.yaml")
+    checkpoint = REPO_ROOT / "checkpoints" / "demo"
+    argv = [sys.executable, "-m", "serve_app", f"--config_path={checkpoint}", f"--server.port={port}",
+            f"--serve_config={config}", "--address=local", "--no_dashboard"]
+    return ServerUnderTest(name, argv, port, env=env or {})
+
+
+def direct(port: int, checkpoint: Path, torch_threads: int = 1) -> ServerUnderTest:
+    argv = [sys.executable, "-m", "benchmarks.direct_server", "--checkpoint", str(checkpoint), "--port", str(port),
+            "--torch_threads", str(torch_threads)]
+    return ServerUnderTest("direct", argv, port)
