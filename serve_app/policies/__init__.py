@@ -22,6 +22,7 @@ from serve_app.observation import InputSpec, ObservationBatch
 
 POLICY_TYPES = {
     "visuomotor_chunk": "serve_app.policies.visuomotor_chunk",
+    "pi05": "serve_app.policies.pi05",
 }
 
 
