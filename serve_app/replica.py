@@ -30,6 +30,7 @@ from serve_app.checkpoint import open_checkpoint
 from serve_app.device import assigned_device, memory_gb
 from serve_app.errors import RequestError
 from serve_app.images import ImageLimits
+from serve_app.inference import CoalescingInference, Queued
 from serve_app.metrics import ReplicaMetrics
 from serve_app.observation import Observation, ObservationBatch, parse_observation
 from serve_app.policies import load_policy
@@ -44,7 +45,7 @@ class BatchSettings:
     """The live-tunable part of the deployment (`user_config` in serve_config.yaml)."""
 
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.002
+    batch_wait_timeout_s: float = 0.0
 
     @classmethod
     def from_user_config(cls, config: dict) -> "BatchSettings":
@@ -55,12 +56,6 @@ class BatchSettings:
         if settings.max_batch_size < 1 or settings.batch_wait_timeout_s < 0:
             raise ValueError(f"user_config: need max_batch_size >= 1 and batch_wait_timeout_s >= 0, got {settings}")
         return settings
-
-
-@dataclass
-class _Queued:
-    observation: Observation
-    enqueued_at: float
 
 
 @serve.deployment(name="RobotPolicy", max_ongoing_requests=256)
@@ -90,6 +85,7 @@ class RobotPolicyReplica:
         self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         # One inference thread: forward passes never overlap on the device.
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._inference = CoalescingInference(self._forward, self._infer_pool, BatchSettings.max_batch_size)
         self._metrics = ReplicaMetrics()
         self._warmed_up = False
         self._probe()
@@ -105,6 +101,7 @@ class RobotPolicyReplica:
         settings = BatchSettings.from_user_config(user_config or {})
         self._run_batch.set_max_batch_size(settings.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._inference.max_batch_size = settings.max_batch_size
         logger.info("batch settings now %s", settings)
 
     # --- RobotPolicyService ------------------------------------------------
@@ -186,7 +183,7 @@ class RobotPolicyReplica:
             observation = await loop.run_in_executor(
                 self._decode_pool, parse_observation, request, self._spec, self._limits
             )
-            result = await self._run_batch(_Queued(observation, time.perf_counter()))
+            result = await self._run_batch(Queued(observation, time.perf_counter()))
         except RequestError as err:
             self._metrics.rejected(err.code)
             raise
@@ -201,24 +198,14 @@ class RobotPolicyReplica:
         self._metrics.answered(result)
         return chunk_response(request.request_id, result, self._who)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _run_batch(self, queued: list[_Queued]) -> list[ChunkResult]:
-        loop = asyncio.get_running_loop()
-        started, actions = await loop.run_in_executor(self._infer_pool, self._forward, [q.observation for q in queued])
-        inference_ms = (time.perf_counter() - started) * 1e3
-        return [
-            ChunkResult(
-                actions=actions[i],
-                inference_ms=inference_ms,
-                queue_ms=(started - q.enqueued_at) * 1e3,
-                batch_size=len(queued),
-            )
-            for i, q in enumerate(queued)
-        ]
+    # max_concurrent_batches: Serve hands batches over as they form; the
+    # inference stage merges those waiting for the device (see inference.py).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=16)
+    async def _run_batch(self, queued: list[Queued]) -> list[ChunkResult]:
+        return await self._inference.submit(queued)
 
-    def _forward(self, observations: list[Observation]) -> tuple[float, np.ndarray]:
-        started = time.perf_counter()
-        return started, self._policy.predict(ObservationBatch.stack(observations))
+    def _forward(self, observations: list[Observation]) -> np.ndarray:
+        return self._policy.predict(ObservationBatch.stack(observations))
 
     def _probe(self) -> None:
         """A forward pass on a blank observation; raises if the replica cannot compute."""
