@@ -91,8 +91,9 @@ class RobotPolicyReplica:
         self._probe()
         self._warmed_up = True
         logger.info(
-            "serving %s checkpoint %s (%s) on %s, gpu ids %s",
+            "serving %s checkpoint %s (%s) on %s, gpu ids %s, %d torch threads",
             self._policy_type, self._who.checkpoint_id, ckpt.weights_path, self._device, self._gpu_ids,
+            torch.get_num_threads(),
         )
 
     # --- operator knobs -------------------------------------------------
