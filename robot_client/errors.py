@@ -1,0 +1,128 @@
+"""What can go wrong talking to the policy server, as errors a robot operator can act on.
+
+Every gRPC failure is mapped here to one of a few classes. `transient` says
+whether waiting and reconnecting can fix it (the server restarting, a network
+gap) or whether retrying would only repeat the same refusal (a wrong key, an
+observation the model cannot take).
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+
+class PolicyError(RuntimeError):
+    transient = False
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class ServerUnavailable(PolicyError):
+    """No answer in time: the server is down, restarting, unreachable or overloaded. Reconnect and retry."""
+
+    transient = True
+
+
+class InvalidChunk(PolicyError):
+    """The server answered with a chunk that must not reach the motors (wrong shape, NaN)."""
+
+    transient = True
+
+
+class AuthenticationFailed(PolicyError):
+    """The server refused the API key. Retrying with the same key cannot help."""
+
+
+class TlsFailed(AuthenticationFailed):
+    """The TLS handshake failed: a certificate or CA problem. Retrying with the same files cannot help."""
+
+
+class ObservationRejected(PolicyError):
+    """The server refused this observation (wrong state size, corrupt image ...). The robot is misconfigured."""
+
+
+class IncompatibleServer(PolicyError):
+    """The server's model cannot serve this robot (dimensions, cameras) or speaks another protocol."""
+
+
+_TLS_FAILURE = re.compile(r"handshake fail|ssl_error|certificate|tsi_", re.IGNORECASE)
+
+# Codes after which the same call would fail the same way: never retried.
+_FATAL = {
+    grpc.StatusCode.INVALID_ARGUMENT: ObservationRejected,
+    grpc.StatusCode.OUT_OF_RANGE: ObservationRejected,
+    grpc.StatusCode.FAILED_PRECONDITION: ObservationRejected,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationFailed,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationFailed,
+    grpc.StatusCode.UNIMPLEMENTED: IncompatibleServer,
+}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """gRPC status number (as carried in-band by ActionChunkResponse.error_code) -> StatusCode."""
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def policy_error(
+    code: grpc.StatusCode, details: str, address: str, *, timeout_s: float | None = None, has_key: bool = False
+) -> PolicyError:
+    """One failed call -> the PolicyError that says what to do about it."""
+    details = (details or "").strip() or "no details"
+    name = code.name
+    if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE.search(details):
+        # A handshake refused is configuration (a certificate missing, expired or from
+        # another CA; TLS to a plaintext port), not a network gap: retrying cannot help.
+        return TlsFailed(
+            f"TLS with the policy server at {address} failed ({details}); check the certificate files: "
+            "--tls-ca (the CA that signed the server's certificate) and, if the server requires client "
+            "certificates, --tls-cert/--tls-key (this robot's certificate and key)",
+            code,
+        )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerUnavailable(
+            f"cannot reach the policy server at {address} ({name}: {details}); "
+            "check --server_address and that `serve run serve_config.yaml` is running there",
+            code,
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        waited = f" within {timeout_s:.2f} s" if timeout_s else ""
+        return ServerUnavailable(f"the policy server at {address} did not answer{waited} ({name})", code)
+    if code == grpc.StatusCode.NOT_FOUND:
+        # Ray Serve's proxy answers NOT_FOUND while no application is deployed
+        # (stopped, or being redeployed): the server is up, the policy is not.
+        return ServerUnavailable(
+            f"the server at {address} is up but serves no policy right now ({name}: {details}); "
+            "waiting for the application to be deployed",
+            code,
+        )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        hint = (
+            "the API key given was refused; check --api-key / INFERENCE_API_KEY against the server's key"
+            if has_key
+            else "the server requires an API key; pass --api-key or set INFERENCE_API_KEY"
+        )
+        return AuthenticationFailed(f"policy server at {address}: {hint} ({name}: {details})", code)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return IncompatibleServer(
+            f"the server at {address} does not implement RobotPolicyService ({name}: {details}); "
+            "is --server_address pointing at the policy server?",
+            code,
+        )
+    if code in _FATAL:
+        return _FATAL[code](f"the policy server rejected the observation: {details} ({name})", code)
+    # INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, CANCELLED, ABORTED: a replica died
+    # or is overloaded; Serve replaces replicas, so waiting can help.
+    return ServerUnavailable(f"the policy server at {address} failed the call ({name}: {details})", code)
+
+
+def from_rpc_error(err: grpc.RpcError, address: str, **kw) -> PolicyError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    return policy_error(code or grpc.StatusCode.UNKNOWN, details or "", address, **kw)

@@ -1,0 +1,124 @@
+"""Test doubles for robot_client: a fake clock, and a scripted stand-in for the inference worker.
+
+The scripted worker answers like a real-time-chunking server (the first
+`delay` rows repeat the prefix) after a latency measured on the fake clock,
+and can be told the server is down for a while. Each answer's rows say where
+they came from: row i of the n-th answer is [n, i, n + i/100, ...].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robot_client.errors import PolicyError, ServerUnavailable
+from robot_client.inference_worker import InferenceResult
+from robot_client.policy_client import ActionChunk
+from robot_client.replay_robot import ReplayRobot, synthetic_recording
+from robot_client.server_spec import ServerSpec
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0):
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+
+
+def demo_spec(action_dim: int = 4, chunk_length: int = 16, max_delay: int = 16) -> ServerSpec:
+    return ServerSpec(
+        healthy=True,
+        warmed_up=True,
+        model_name="scripted",
+        num_cameras=2,
+        min_cameras=1,
+        image_height=24,
+        image_width=32,
+        state_dim=32,
+        action_dim=action_dim,
+        chunk_length=chunk_length,
+        max_delay=max_delay,
+        max_prompt_bytes=2048,
+    )
+
+
+def small_robot(clock) -> ReplayRobot:
+    return ReplayRobot(synthetic_recording(frames=8, height=24, width=32, state_dim=6), clock=clock)
+
+
+def scripted_chunk(n: int, length: int, dim: int) -> np.ndarray:
+    rows = np.arange(length, dtype=np.float32)
+    out = np.zeros((length, dim), np.float32)
+    out[:, 0] = n
+    out[:, 1] = rows
+    out[:, 2:] = (n + rows / 100)[:, None]
+    return out
+
+
+@dataclass
+class Sent:
+    at: float
+    request: object
+    prefix: np.ndarray | None
+    delay: int
+    observation: object = None
+
+
+@dataclass
+class ScriptedWorker:
+    clock: FakeClock
+    latency_s: float = 0.04
+    chunk_length: int = 16
+    action_dim: int = 4
+    fail_after_s: float = 0.001  # a refused connection fails fast
+    backoff_s: float = 0.1
+    outages: list[tuple[float, float]] = field(default_factory=list)  # [start, end) the server is down
+    slow: dict[int, float] = field(default_factory=dict)  # request number -> its latency instead
+    fatal: dict[int, PolicyError] = field(default_factory=dict)  # request number -> error to answer with
+    sent: list[Sent] = field(default_factory=list)
+    answers: dict[str, np.ndarray] = field(default_factory=dict)
+    _pending: list = field(default_factory=list)
+    _busy_until: float = -1.0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or self.clock() < self._busy_until
+
+    def down(self, t: float) -> bool:
+        return any(a <= t < b for a, b in self.outages)
+
+    def next_request_id(self) -> str:
+        return f"r{len(self.sent) + 1}"
+
+    def submit(self, request, observation, prefix, delay) -> None:
+        now = self.clock()
+        n = len(self.sent) + 1
+        self.sent.append(Sent(now, request, prefix, delay, observation))
+        if n in self.fatal:
+            self._pending.append((now + self.fail_after_s, request, self.fatal[n]))
+        elif self.down(now):
+            self._pending.append((now + self.fail_after_s, request, ServerUnavailable("scripted outage")))
+        else:
+            actions = scripted_chunk(n, self.chunk_length, self.action_dim)
+            if prefix is not None and delay:
+                actions[:delay] = prefix[:delay]
+            self._pending.append((now + self.slow.get(n, self.latency_s), request, actions))
+
+    def poll(self) -> list[InferenceResult]:
+        now, out, keep = self.clock(), [], []
+        for due, request, payload in self._pending:
+            if due > now:
+                keep.append((due, request, payload))
+            elif isinstance(payload, PolicyError):
+                out.append(InferenceResult(request, None, payload, due))
+                self._busy_until = due + (self.backoff_s if payload.transient else 0.0)
+            else:
+                self.answers[request.request_id] = payload
+                out.append(InferenceResult(request, ActionChunk(payload, request.request_id), None, due))
+        self._pending = keep
+        return out

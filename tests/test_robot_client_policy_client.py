@@ -1,0 +1,254 @@
+"""PolicyClient mechanics against a small in-process gRPC server on loopback.
+
+A plain grpcio server lets these tests count calls and script failures
+exactly (refusals, hangs, restarts) in milliseconds. The same client against
+the real Serve app is in test_robot_client_serve.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from policy_wire import robot_inference_pb2 as pb
+from policy_wire import robot_inference_pb2_grpc as pb_grpc
+from robot_client.errors import (
+    AuthenticationFailed,
+    IncompatibleServer,
+    InvalidChunk,
+    ObservationRejected,
+    ServerUnavailable,
+)
+from robot_client.policy_client import PolicyClient
+from robot_client.robot import Observation
+from tests.conftest import free_port
+from tests.payloads import frame
+
+
+class FakePolicy(pb_grpc.RobotPolicyServiceServicer):
+    def __init__(self):
+        self.calls: Counter[str] = Counter()
+        self.keys: list[str | None] = []
+        self.requests: list[pb.ObservationRequest] = []
+        self.behaviour = "ok"  # ok | reject | unauth | hang | nan
+        self.chunk_length = 8
+        self.release = threading.Event()
+
+    def _key(self, context):
+        self.keys.append(dict(context.invocation_metadata()).get("x-api-key"))
+        if self.behaviour == "unauth":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong API key: send metadata 'x-api-key'")
+
+    def HealthCheck(self, request, context):
+        self.calls["health"] += 1
+        self._key(context)
+        return pb.HealthCheckResponse(
+            healthy=True,
+            warmed_up=True,
+            status="SERVING",
+            model_name="fake",
+            num_cameras=2,
+            min_cameras=1,
+            image_height=96,
+            image_width=96,
+            state_dim=32,
+            action_dim=4,
+            chunk_length=self.chunk_length,
+            max_delay=8,
+        )
+
+    def _answer(self, request) -> pb.ActionChunkResponse:
+        self.requests.append(request)
+        if self.behaviour == "hang":
+            self.release.wait(5)
+        value = float("nan") if self.behaviour == "nan" else 0.5
+        return pb.ActionChunkResponse(
+            action_chunk=[pb.ActionVector(values=[value] * 4) for _ in range(8)], request_id=request.request_id
+        )
+
+    def GetActionChunk(self, request, context):
+        self.calls["unary"] += 1
+        self._key(context)
+        if self.behaviour == "reject":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "robot_state: 40 values but the model takes at most 32")
+        return self._answer(request)
+
+    def StreamActionChunks(self, request_iterator, context):
+        self.calls["stream"] += 1
+        self._key(context)
+        for request in request_iterator:
+            self.calls["stream_message"] += 1
+            if self.behaviour == "reject":
+                yield pb.ActionChunkResponse(
+                    request_id=request.request_id,
+                    error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                    error_message="camera 0: 12 bytes labelled 'jpeg' are not a JPEG or PNG image",
+                )
+                continue
+            yield self._answer(request)
+
+
+class FakeServer:
+    def __init__(self):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.policy = FakePolicy()
+        self._server = None
+
+    def start(self):
+        self._server = grpc.server(ThreadPoolExecutor(8))
+        pb_grpc.add_RobotPolicyServiceServicer_to_server(self.policy, self._server)
+        assert self._server.add_insecure_port(self.address) == self.port
+        self._server.start()
+
+    def stop(self):
+        if self._server is not None:
+            self.policy.release.set()
+            self._server.stop(0).wait()
+            self._server = None
+            self.policy.release.clear()
+
+
+@pytest.fixture()
+def server():
+    s = FakeServer()
+    s.start()
+    yield s
+    s.stop()
+
+
+def observation(state_dim: int = 6) -> Observation:
+    return Observation(images=[frame(120, 160), frame(120, 160, seed=1)], state=np.linspace(-1, 1, state_dim))
+
+
+def client_for(server, **kw) -> PolicyClient:
+    client = PolicyClient(server.address, timeout_s=kw.pop("timeout_s", 2.0), **kw)
+    client.wait_ready(5)
+    return client
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_every_call_carries_the_api_key_and_prefix_goes_on_the_wire(server, mode):
+    client = client_for(server, api_key="s3cret", mode=mode)
+    try:
+        prefix = np.arange(12, dtype=np.float32).reshape(3, 4)
+        chunk = client.get_action_chunk(observation(), "pick", prefix=prefix, delay=2)
+        assert chunk.actions.shape == (8, 4)
+        sent = server.policy.requests[-1]
+        assert [list(r.values) for r in sent.prefix_action] == prefix.tolist() and sent.delay == 2
+        assert sent.prompt == "pick" and len(sent.robot_state.state) == 6 and sent.request_id == chunk.request_id
+        assert all(c.encoding == "jpeg" for c in sent.images)  # fitted to the advertised 96x96
+        assert server.policy.keys and set(server.policy.keys) == {"s3cret"}
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_a_rejected_observation_is_not_retried_and_says_why(server, mode):
+    client = client_for(server, mode=mode)
+    try:
+        server.policy.behaviour = "reject"
+        with pytest.raises(ObservationRejected, match="rejected the observation: (robot_state|camera 0)"):
+            client.get_action_chunk(observation(), "pick", attempts=5)
+        sent = server.policy.calls["unary" if mode == "unary" else "stream_message"]
+        assert sent == 1 and client.epoch == 0
+        if mode == "stream":  # an in-band refusal keeps the stream open for the next observation
+            server.policy.behaviour = "ok"
+            client.get_action_chunk(observation(), "pick")
+            assert server.policy.calls["stream"] == 1
+    finally:
+        client.close()
+
+
+def test_a_wrong_key_is_not_retried(server):
+    client = client_for(server, api_key="wrong")
+    try:
+        server.policy.behaviour = "unauth"
+        with pytest.raises(AuthenticationFailed, match="API key given was refused"):
+            client.get_action_chunk(observation(), "pick", attempts=5)
+        assert server.policy.calls["unary"] == 1
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_a_hung_server_hits_the_deadline_and_the_stream_is_replaced(server, mode):
+    client = client_for(server, mode=mode)
+    try:
+        client.get_action_chunk(observation(), "pick")
+        server.policy.behaviour = "hang"
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="did not answer within 0.30 s"):
+            client.infer(client.build_request(observation(), "pick"), timeout_s=0.3)
+        assert 0.29 < time.monotonic() - started < 1.5 and client.epoch == 1
+        server.policy.release.set()
+        server.policy.behaviour = "ok"
+        time.sleep(client.retry_delay())
+        client.get_action_chunk(observation(), "pick")
+        if mode == "stream":
+            assert server.policy.calls["stream"] == 2  # the timed-out stream was never reused
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_reconnects_with_backoff_after_the_server_restarts(server, mode):
+    client = client_for(server, mode=mode)
+    try:
+        client.get_action_chunk(observation(), "pick")
+        server.stop()
+        with pytest.raises(
+            ServerUnavailable, match=f"cannot reach the policy server at {server.address}|failed the call"
+        ):
+            client.get_action_chunk(observation(), "pick", attempts=3)
+        assert client.epoch == 3 and client.backoff.failures == 3 and client.retry_delay() > 0
+        server.start()
+        health_before = server.policy.calls["health"]
+        time.sleep(client.retry_delay())
+        chunk = client.get_action_chunk(observation(), "pick", attempts=3)
+        assert chunk.actions.shape == (8, 4)
+        assert server.policy.calls["health"] == health_before + 1  # the spec is re-read on reconnect
+        assert client.backoff.failures == 0 and client.retry_delay() == 0 and client.epoch == 3
+    finally:
+        client.close()
+
+
+def test_a_server_back_with_another_model_is_refused_not_driven(server):
+    client = client_for(server)
+    try:
+        server.stop()
+        with pytest.raises(ServerUnavailable):
+            client.get_action_chunk(observation(), "pick")
+        server.policy.chunk_length = 50  # redeployed with a different checkpoint
+        server.start()
+        time.sleep(client.retry_delay())
+        with pytest.raises(IncompatibleServer, match="chunk length 50.*restart the robot client"):
+            client.get_action_chunk(observation(), "pick")
+    finally:
+        client.close()
+
+
+def test_a_chunk_with_nan_never_leaves_the_client(server):
+    client = client_for(server)
+    try:
+        server.policy.behaviour = "nan"
+        with pytest.raises(InvalidChunk, match="NaN"):
+            client.get_action_chunk(observation(), "pick")
+    finally:
+        client.close()
+
+
+def test_wait_ready_on_a_wrong_address_says_so(server):
+    wrong = f"127.0.0.1:{free_port()}"
+    client = PolicyClient(wrong, timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=f"policy server at {wrong} not ready after 1.0 s: cannot reach"):
+        client.wait_ready(1.0)
+    assert time.monotonic() - started < 3
+    client.close()
