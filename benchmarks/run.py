@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -60,27 +61,40 @@ def environment() -> dict:
     except OSError:
         commit = ""
     return {
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "python": platform.python_version(), "versions": versions, "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        # Other work on the machine skews every number; the 1-minute load says how quiet it was.
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 
-def run_server(server, plan: list[Scenario], work: Path, warmup_s: float) -> dict:
-    server.start(work)
+def run_side_by_side(servers: list, plan: list[Scenario], work: Path, warmup_s: float) -> dict:
+    """All servers up at once; each scenario runs against each server back to back.
+
+    On a shared machine the background load drifts over minutes; interleaving
+    keeps the three measurements of one scenario seconds apart, so their
+    ratios stay meaningful. An idle server costs little (its meter shows it).
+    """
+    results = {s.name: {} for s in servers}
     try:
-        asyncio.run(play(server.address, Scenario(robots=4, mode="stream", loop="closed", seconds=warmup_s)))
-        out = {}
+        for server in servers:
+            print(f"starting {server.name} ...", flush=True)
+            server.start(work)
+            asyncio.run(play(server.address, Scenario(robots=4, mode="stream", loop="closed", seconds=warmup_s)))
         for scenario in plan:
-            meter = ResourceMeter(server)
-            logs, wall = asyncio.run(play(server.address, scenario))
-            out[scenario.name] = {**summarize(logs, wall), "server": meter.read(), "scenario": scenario.__dict__}
-            print(f"  {server.name:14s} {scenario.name:18s} {out[scenario.name]['throughput_per_s']:8.1f}/s "
-                  f"p50 {out[scenario.name]['latency_ms']['p50']} p99 {out[scenario.name]['latency_ms']['p99']} "
-                  f"batch {out[scenario.name]['batch_size']} err {out[scenario.name]['errors']}", flush=True)
-        return out
+            for server in servers:
+                meter = ResourceMeter(server)
+                logs, wall = asyncio.run(play(server.address, scenario))
+                row = {**summarize(logs, wall), "server": meter.read(), "scenario": scenario.__dict__}
+                results[server.name][scenario.name] = row
+                print(f"  {server.name:14s} {scenario.name:18s} {row['throughput_per_s']:8.1f}/s "
+                      f"p50 {row['latency_ms']['p50']} p99 {row['latency_ms']['p99']} "
+                      f"batch {row['batch_size']} err {row['errors']}", flush=True)
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+    return results
 
 
 def targets(results: dict, model: dict) -> dict:
@@ -144,11 +158,11 @@ def main() -> None:
     checkpoint = REPO_ROOT / "checkpoints" / "demo"
     plan = scenarios(args.quick, args.seconds)
 
+    load_at_start = round(os.getloadavg()[0], 2)
     print("model alone ...", flush=True)
     model = model_throughput.measure(checkpoint, seconds=0.3 if args.quick else 2.0,
                                      batch_sizes=(1, 16) if args.quick else (1, 2, 4, 8, 16, 32))
     print(f"  best {model['best_samples_per_s']}/s at batch {model['best_batch_size']}", flush=True)
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         factories = {
@@ -156,10 +170,9 @@ def main() -> None:
             "serve_default": lambda: ray_serve("serve_default", free_port(), free_port(), USER_CONFIG, work),
             "serve_haproxy": lambda: ray_serve("serve_haproxy", free_port(), free_port(), USER_CONFIG, work, env=HAPROXY_ENV),
         }
-        for name in args.servers.split(","):
-            print(f"{name} ...", flush=True)
-            results[name] = run_server(factories[name](), plan, work, warmup_s=0.5 if args.quick else 2.0)
-    report = {"environment": environment(), "settings": {"user_config": USER_CONFIG, "quick": args.quick},
+        servers = [factories[name]() for name in args.servers.split(",")]
+        results = run_side_by_side(servers, plan, work, warmup_s=0.5 if args.quick else 2.0)
+    report = {"environment": {**environment(), "load_average_1m_at_start": load_at_start}, "settings": {"user_config": USER_CONFIG, "quick": args.quick},
               "model_alone": model, "servers": results, "targets": targets(results, model)}
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))

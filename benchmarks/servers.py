@@ -16,9 +16,10 @@ import yaml
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
+from serve_app.__main__ import THROUGHPUT_MODE_ENV as HAPROXY_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HAPROXY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
 
 
 @dataclass
@@ -81,6 +82,11 @@ class ServerUnderTest:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        time.sleep(1)
+        try:  # HAProxy may respawn itself (reparented, same group) while Serve shuts down
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc = None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ from serve_app.app import REPO_ROOT, resolve_checkpoint
 from serve_app.checkpoint import open_checkpoint
 
 logger = logging.getLogger("serve_app")
+THROUGHPUT_MODE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--serve_config", type=Path, default=REPO_ROOT / "serve_config.yaml")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--no_dashboard", action="store_true", help="start the local cluster without Ray's dashboard")
+    parser.add_argument(
+        "--throughput_mode", action="store_true",
+        help="Serve's throughput-optimised ingress (HAProxy + direct ingress to replicas); local cluster only",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,6 +97,10 @@ def run(config: dict[str, Any], address: str | None, dashboard: bool = True) -> 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.throughput_mode:
+        # Read by Serve's processes at import: it must be in the environment
+        # the local cluster inherits, i.e. set before ray.init starts it.
+        os.environ.update(THROUGHPUT_MODE_ENV)
     run(launch_plan(args), args.address, dashboard=not args.no_dashboard)
 
 

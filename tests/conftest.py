@@ -52,6 +52,26 @@ def wait_for_health(address: str, metadata=(), timeout_s: float = 60.0, until=la
     raise TimeoutError(f"app at {address} not ready: {last}")
 
 
+def stop_process_group(proc) -> None:
+    """SIGTERM a subprocess started with start_new_session=True, then SIGKILL whatever of its
+    group is left: Serve's HAProxy can respawn itself (reparented to init) while shutting down."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 class DeployFailed(RuntimeError):
     pass
 

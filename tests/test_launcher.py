@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ import pytest
 import yaml
 
 from serve_app.__main__ import launch_plan, parse_args
-from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, wait_for_health
+from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, stop_process_group, wait_for_health
 
 
 def test_plan_takes_port_from_the_command_line_then_the_checkpoint():
@@ -39,19 +37,14 @@ def test_serve_config_is_what_the_launcher_reads():
 @pytest.mark.serve
 def test_launcher_serves_the_checkpoint(tmp_path: Path):
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DASHBOARD_PORT": str(free_port())}
     log = (tmp_path / "launcher.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}", "--address=local"],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}", "--address=local",
+         "--no_dashboard"],
+        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         health = wait_for_health(f"127.0.0.1:{port}", timeout_s=180)
         assert health.policy_type == "visuomotor_chunk" and health.chunk_length == 16
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)

@@ -1,0 +1,61 @@
+"""Serve's throughput-optimised ingress (HAProxy): streams, auth and errors behave as with the default proxy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from policy_wire import robot_inference_pb2 as pb
+from policy_wire import robot_inference_pb2_grpc as pb_grpc
+from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, stop_process_group, wait_for_health
+from tests.payloads import observation
+
+pytestmark = pytest.mark.serve
+KEY = "haproxy-mode-key"
+
+
+def test_throughput_mode_keeps_streams_auth_and_errors(tmp_path):
+    port = free_port()
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(
+        (REPO_ROOT / "serve_config.yaml").read_text()
+        .replace("api_key_file: null", f"api_key_file: {key_file}")
+        .replace("port: 8000", f"port: {free_port()}")
+    )
+    log = (tmp_path / "launcher.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}",
+         f"--serve_config={config}", "--address=local", "--no_dashboard", "--throughput_mode"],
+        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    auth = (("x-api-key", KEY),)
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_for_health(address, metadata=auth, timeout_s=240)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.RobotPolicyServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetActionChunk(observation(), timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.StreamActionChunks(iter([observation()]), timeout=30))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+            bad = observation(request_id="bad")
+            bad.robot_state.ClearField("state")
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetActionChunk(bad, metadata=auth, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "robot_state" in info.value.details()
+
+            answers = list(stub.StreamActionChunks(iter([observation(request_id="a"), bad, observation(request_id="c")]),
+                                                   metadata=auth, timeout=60))
+            assert [a.request_id for a in answers] == ["a", "bad", "c"]
+            assert answers[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert len(answers[0].action_chunk) == len(answers[2].action_chunk) == 16
+    finally:
+        stop_process_group(proc)
