@@ -1,12 +1,11 @@
-"""Write the bundled demo checkpoint: checkpoints/demo (visuomotor_chunk).
+"""Write an untrained, seeded visuomotor_chunk checkpoint (for tests and load experiments).
 
-    python scripts/make_demo_checkpoint.py [--out checkpoints/demo] [--seed 0]
+    python scripts/make_demo_checkpoint.py --out DIR [--seed 0]
 
-The weights are a seeded initialisation, not a trained policy: the demo shows
-the serving path end to end (decode, batch, forward, unnormalise), and its
-actions are deterministic for a given input but mean nothing on a robot.
-Normalisation statistics are set to plausible joint-space values so the
-unnormalised output is in a robot-like range.
+The bundled checkpoints/demo is the *trained* policy (`python -m sim.train`);
+this writes a checkpoint with the same spec whose weights are a seeded
+initialisation: deterministic actions that mean nothing on a robot, e.g. to
+redeploy "a different checkpoint" in fault tests.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def make_demo(out: Path, seed: int = 0, **overrides) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "checkpoints" / "demo")
+    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(make_demo(args.out, args.seed))

@@ -1,0 +1,146 @@
+"""The app a notebook talks to: a running one, or one started in this kernel.
+
+    session = connect_or_start()      # ROBOT_POLICY_ADDRESS, else 127.0.0.1:50051, else start one here
+    session.address                   # "HOST:PORT" for robot_client.PolicyClient
+    session.ray_address               # the Ray cluster behind it, for Serve's API
+    session.stop()                    # only stops what this kernel started
+
+Starting here deploys serve_config.yaml's application the way `serve run`
+does (through Serve's controller, so a user_config change reaches
+`reconfigure` on the running replicas), with the checkpoint made absolute
+and the gRPC port chosen free.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from policy_wire import robot_inference_pb2 as pb
+from policy_wire import robot_inference_pb2_grpc as pb_grpc
+
+ADDRESS_ENV = "ROBOT_POLICY_ADDRESS"  # where the app is (tests set it to their loopback app)
+DEFAULT_ADDRESS = "127.0.0.1:50051"  # `serve run serve_config.yaml`
+APP_NAME = "robot_policy"
+
+
+@dataclass
+class AppSession:
+    address: str
+    started_here: bool
+    ray_address: str | None
+
+    def stop(self) -> None:
+        if self.started_here:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+
+
+def answers(address: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            pb_grpc.RobotPolicyServiceStub(channel).HealthCheck(pb.HealthCheckRequest(), timeout=timeout_s)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def connect_or_start(address: str | None = None, start_timeout_s: float = 180.0) -> AppSession:
+    address = address or os.environ.get(ADDRESS_ENV)
+    if address:
+        if not answers(address, timeout_s=10.0):
+            raise RuntimeError(f"no policy server answers at {address} (from {ADDRESS_ENV} or the argument)")
+        return AppSession(address, False, os.environ.get("RAY_ADDRESS") or "auto")
+    if answers(DEFAULT_ADDRESS):
+        return AppSession(DEFAULT_ADDRESS, False, os.environ.get("RAY_ADDRESS") or "auto")
+    return start_here(start_timeout_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_here(timeout_s: float = 180.0) -> AppSession:
+    """serve_config.yaml's app in a Ray instance owned by this kernel, on a free loopback port."""
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=config["grpc_options"]["grpc_servicer_functions"]))
+    app = config["applications"][0]
+    app["args"]["checkpoint"] = str((REPO_ROOT / app["args"]["checkpoint"]).resolve())
+    deploy(app, timeout_s)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while not answers(address):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"app started but {address} does not answer")
+        time.sleep(0.5)
+    return AppSession(address, True, ray.get_runtime_context().gcs_address)
+
+
+def connect_ray(session: AppSession) -> None:
+    """Join the Ray cluster behind the app (for Serve's API and the metrics endpoint)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=session.ray_address, log_to_driver=False, configure_logging=False)
+
+
+def deployed_app(name: str = APP_NAME) -> dict:
+    """The application's config as Serve's controller holds it (what `serve run`/`serve deploy` sent)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    return dict(details["applications"][name]["deployed_app_config"])
+
+
+def deploy(app: dict, timeout_s: float = 120.0) -> None:
+    """Apply one application's config through the controller, as `serve deploy` does, and wait for RUNNING."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.parse_obj({"applications": [app]}))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = {s.name: s.app_status for s in client.list_serve_statuses()}.get(app["name"])
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(status.message)
+        time.sleep(0.2)
+    raise TimeoutError(f"app {app['name']} not RUNNING after {timeout_s} s")
+
+
+def metrics_text() -> str:
+    """Prometheus text from this node's Ray metrics endpoint."""
+    import urllib.request
+
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
