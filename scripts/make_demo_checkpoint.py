@@ -17,7 +17,6 @@ import torch
 
 from serve_app.policies.visuomotor_chunk import VisuomotorChunkConfig, VisuomotorChunkNet, save
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_demo(out: Path, seed: int = 0, **overrides) -> Path:
