@@ -27,7 +27,7 @@ from benchmarks.robots import Scenario, play, summarize
 from benchmarks.servers import HAPROXY_ENV, REPO_ROOT, ResourceMeter, direct, ray_serve
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}  # as in serve_config.yaml
 
 
 def free_port() -> int:

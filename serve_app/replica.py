@@ -1,11 +1,13 @@
 """The Serve deployment: gRPC ingress and policy replica in one actor (no extra hop).
 
 Data flows one way:
-    request bytes -> parse_observation (decode pool) -> batch queue
-    -> ObservationBatch.stack + policy.predict (inference thread) -> chunk_response
+    request bytes -> parse_observation (decode pool) -> @serve.batch queue
+    -> CoalescingInference: ObservationBatch.stack + policy.predict (inference thread)
+    -> chunk_response
 
 Unary calls and every open stream feed the same `@serve.batch` queue, so
-robots on different connections share forward passes. The event loop only
+robots on different connections share forward passes; batches that wait for
+the device are merged into one pass (inference.py). The event loop only
 routes: decoding, stacking and the forward pass run on worker threads.
 """
 
