@@ -102,6 +102,13 @@ def policy_error(
             "waiting for the application to be deployed",
             code,
         )
+    if code == grpc.StatusCode.UNAUTHENTICATED and "client certificate" in details:
+        # The TLS proxy (deploy/tls) refuses a missing or foreign client certificate under mTLS.
+        return TlsFailed(
+            f"policy server at {address} requires this robot's client certificate ({details}); "
+            "pass --tls-cert/--tls-key signed by the robot CA",
+            code,
+        )
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         hint = (
             "the API key given was refused; check --api-key / INFERENCE_API_KEY against the server's key"
