@@ -14,7 +14,6 @@ import asyncio
 import collections
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 from benchmarks.robots import Scenario, play, summarize
@@ -22,16 +21,6 @@ from benchmarks.run import USER_CONFIG, free_port
 from benchmarks.servers import HAPROXY_ENV, REPO_ROOT, ray_serve
 
 OUT = REPO_ROOT / "benchmarks" / "results" / "profile_replica.txt"
-
-
-def replica_pid(server) -> int:
-    for p in server.processes():
-        try:
-            if "ServeReplica" in " ".join(p.cmdline()) or "ServeReplica" in p.name():
-                return p.pid
-        except Exception:  # noqa: BLE001 - processes come and go
-            pass
-    raise RuntimeError("no ServeReplica process found")
 
 
 def top_frames(collapsed: Path, n: int = 25) -> str:
@@ -63,7 +52,7 @@ def main() -> None:
         server.start(work)
         try:
             collapsed = work / "replica.collapsed"
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(replica_pid(server)), "--duration", str(int(args.seconds)),
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(server.replica_process().pid), "--duration", str(int(args.seconds)),
                                     "--format", "raw", "--threads", "--nonblocking", "--output", str(collapsed)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             scenario = Scenario(robots=args.robots, mode=args.mode, loop="closed", seconds=args.seconds + 1)

@@ -65,6 +65,16 @@ class ServerUnderTest:
         except psutil.NoSuchProcess:
             return []
 
+    def replica_process(self) -> psutil.Process:
+        """The Serve replica actor of this server (Ray titles its process `ray::ServeReplica:...`)."""
+        for p in self.processes():
+            try:
+                if "ServeReplica" in p.name() or "ServeReplica" in " ".join(p.cmdline()):
+                    return p
+            except psutil.NoSuchProcess:  # processes come and go
+                pass
+        raise RuntimeError(f"{self.name}: no ServeReplica process found")
+
     def stop(self) -> None:
         if self.proc is None:
             return

@@ -15,21 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
-import psutil
-
 from benchmarks.robots import Scenario, play, summarize
 from benchmarks.run import USER_CONFIG, environment, free_port
 from benchmarks.servers import HAPROXY_ENV, REPO_ROOT, ray_serve
-
-
-def replica_rss_mib(server) -> float:
-    for p in server.processes():
-        try:
-            if "ServeReplica" in p.name() or "ServeReplica" in " ".join(p.cmdline()):
-                return p.memory_info().rss / 2**20
-        except psutil.NoSuchProcess:
-            pass
-    raise RuntimeError("no ServeReplica process found")
 
 
 def main() -> None:
@@ -53,7 +41,7 @@ def main() -> None:
                 requests += row["requests"]
                 for k, v in row["errors"].items():
                     errors[k] = errors.get(k, 0) + v
-                samples.append({"t_s": round((w + 1) * args.window_s), "replica_rss_mib": round(replica_rss_mib(server), 1),
+                samples.append({"t_s": round((w + 1) * args.window_s), "replica_rss_mib": round(server.replica_process().memory_info().rss / 2**20, 1),
                                 "throughput_per_s": row["throughput_per_s"], "p99_ms": row["latency_ms"]["p99"]})
                 print(samples[-1], flush=True)
         finally:
