@@ -2,8 +2,8 @@
 
     python -m benchmarks.profile_replica [--seconds 15] [--robots 16] [--mode stream]
 
-Starts our app (HAProxy ingress), drives closed-loop robots at it, records the
-replica process with py-spy, and writes the functions with the most samples
+Starts our app as the README does (HAProxy ingress), drives closed-loop robots
+at it, records one replica process with py-spy, and writes the functions with the most samples
 (self and inclusive) to benchmarks/results/profile_replica.txt.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.robots import Scenario, play, summarize
 from benchmarks.run import USER_CONFIG, free_port
-from benchmarks.servers import HAPROXY_ENV, REPO_ROOT, ray_serve
+from benchmarks.servers import REPO_ROOT, ray_serve
 
 OUT = REPO_ROOT / "benchmarks" / "results" / "profile_replica.txt"
 
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server = ray_serve("profile", free_port(), free_port(), USER_CONFIG, work, env=HAPROXY_ENV)
+        server = ray_serve("profile", free_port(), free_port(), USER_CONFIG, work)
         server.start(work)
         try:
             collapsed = work / "replica.collapsed"

@@ -51,6 +51,7 @@ def robot_payload(robot: int, state_dim: int = 14, cameras: int = 2) -> pb.Obser
 class RobotLog:
     latencies_ms: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
+    replicas: set[str] = field(default_factory=set)
     errors: dict[str, int] = field(default_factory=dict)
     missed_deadlines: int = 0
     deadlines: int = 0
@@ -61,6 +62,7 @@ class RobotLog:
             return
         self.latencies_ms.append(latency_ms)
         self.batch_sizes.append(response.batch_size)
+        self.replicas.add(response.replica_id)
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -149,6 +151,7 @@ def summarize(logs: list[RobotLog], wall_s: float) -> dict:
         "latency_ms": {"p50": pct(50), "p99": pct(99), "p99.9": pct(99.9), "mean": round(float(latencies.mean()), 3) if latencies.size else None},
         "batch_size": {"mean": round(float(batches.mean()), 2), "max": int(batches.max())} if batches.size else None,
         "errors": errors,
+        "replicas_answering": len(set().union(*(log.replicas for log in logs))),
         "deadlines": deadlines,
         "missed_deadlines": sum(log.missed_deadlines for log in logs),
     }

@@ -16,7 +16,7 @@ import yaml
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.__main__ import THROUGHPUT_MODE_ENV as HAPROXY_ENV
+from serve_app.ingress import side_ports_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,15 +65,21 @@ class ServerUnderTest:
         except psutil.NoSuchProcess:
             return []
 
-    def replica_process(self) -> psutil.Process:
-        """The Serve replica actor of this server (Ray titles its process `ray::ServeReplica:...`)."""
+    def replica_processes(self) -> list[psutil.Process]:
+        """The Serve replica actors of this server (Ray titles their processes `ray::ServeReplica:...`), by pid."""
+        found = []
         for p in self.processes():
             try:
                 if "ServeReplica" in p.name() or "ServeReplica" in " ".join(p.cmdline()):
-                    return p
+                    found.append(p)
             except psutil.NoSuchProcess:  # processes come and go
                 pass
-        raise RuntimeError(f"{self.name}: no ServeReplica process found")
+        if not found:
+            raise RuntimeError(f"{self.name}: no ServeReplica process found")
+        return sorted(found, key=lambda p: p.pid)
+
+    def replica_process(self) -> psutil.Process:
+        return self.replica_processes()[0]
 
     def stop(self) -> None:
         if self.proc is None:
@@ -131,7 +137,8 @@ class ResourceMeter:
         return {"cpu_cores": round(used / wall, 2), "rss_mib": round(rss / 2**20, 1)}
 
 
-def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_args: dict | None = None) -> Path:
+def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_args: dict | None = None,
+                 deployment: dict | None = None) -> Path:
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     config["grpc_options"]["port"] = port
     config["http_options"]["port"] = http_port
@@ -139,18 +146,23 @@ def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_
     app["args"]["checkpoint"] = str(REPO_ROOT / "checkpoints" / "demo")
     app["args"].update(extra_args or {})
     app["deployments"][0]["user_config"] = user_config
+    app["deployments"][0].update(deployment or {})
     out.write_text(yaml.safe_dump(config))
     return out
 
 
-def ray_serve(name: str, port: int, http_port: int, user_config: dict, work: Path, env: dict | None = None) -> ServerUnderTest:
-    """Our app from serve_config.yaml, started like `serve run` but without the dashboard
-    (the launcher does the same deploy; the dashboard would only add noise and port clashes)."""
-    config = serve_config(port, http_port, user_config, work / f"{name}.yaml")
+def ray_serve(name: str, port: int, http_port: int, user_config: dict, work: Path, standard_proxy: bool = False,
+              deployment: dict | None = None) -> ServerUnderTest:
+    """Our app from serve_config.yaml, started like the README's `serve run` but without the dashboard
+    (the launcher does the same deploy; the dashboard would only add noise and port clashes).
+    The ingress is Serve's throughput-optimised one unless `standard_proxy`; `deployment`
+    overrides keys of the deployment's config (e.g. num_replicas)."""
+    config = serve_config(port, http_port, user_config, work / f"{name}.yaml", deployment=deployment)
     checkpoint = REPO_ROOT / "checkpoints" / "demo"
     argv = [sys.executable, "-m", "serve_app", f"--config_path={checkpoint}", f"--server.port={port}",
             f"--serve_config={config}", "--address=local", "--no_dashboard"]
-    return ServerUnderTest(name, argv, port, env=env or {})
+    # Its own HAProxy side ports: the servers of one run are up together.
+    return ServerUnderTest(name, argv + (["--standard_proxy"] if standard_proxy else []), port, env=side_ports_env())
 
 
 def direct(port: int, checkpoint: Path, torch_threads: int = 1) -> ServerUnderTest:

@@ -76,7 +76,11 @@ def free_port() -> int:
 
 
 def start_here(timeout_s: float = 180.0) -> AppSession:
-    """serve_config.yaml's app in a Ray instance owned by this kernel, on a free loopback port."""
+    """serve_config.yaml's app in a Ray instance owned by this kernel, on a free loopback port,
+    behind the same throughput-optimised ingress as the README's `serve run`."""
+    from serve_app.ingress import choose_ingress
+
+    choose_ingress()  # before ray.init starts the cluster, which inherits it
     import ray
     import yaml
     from ray import serve

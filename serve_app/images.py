@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from serve_app.errors import invalid
@@ -58,6 +60,33 @@ def decode_image(
             return _decode_raw_uint8(data, width, height, where, limits)
         return _decode_raw_float(data, where, limits)
     raise invalid(f"{where}: unknown encoding {encoding!r}; use one of {ACCEPTED_ENCODINGS}")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+UNKNOWN_COST = 1 << 62  # bytes we cannot size cheaply: treat as the most expensive kind
+
+
+def decode_cost_pixels(data: bytes, encoding: str, width: int = 0, height: int = 0) -> int:
+    """Pixels a decode of this frame would produce, read from the header only (a few microseconds).
+
+    Lets the replica decode typical robot frames without a thread hop while
+    sending large or unusual ones (and anything malformed, which decode_image
+    then refuses with a precise message) to its decode pool.
+    """
+    label = encoding.strip().lower()
+    if label == RAW_ENCODING:
+        return width * height if width and height else len(data) // 12
+    if label not in COMPRESSED_ENCODINGS:
+        return UNKNOWN_COST
+    if data[:2] == JPEG_SOI:
+        try:
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            return UNKNOWN_COST
+        return h * w
+    if data[:8] == PNG_SIGNATURE and len(data) >= 24:  # IHDR: big-endian width, height at bytes 16..24
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    return UNKNOWN_COST
 
 
 def _decode_compressed(data, label, where, target_hw, limits) -> np.ndarray:
@@ -135,15 +164,24 @@ def _decode_raw_float(data, where, limits) -> np.ndarray:
 
 
 def letterbox(frame: np.ndarray, target_hw: tuple[int, int]) -> np.ndarray:
-    """Resize keeping the aspect ratio, centred on black padding (as training did)."""
+    """Resize keeping the aspect ratio, centred on black padding (as training did).
+
+    The filter is antialiased bilinear, Pillow's BILINEAR to within one grey level,
+    through torch's uint8 kernel: 66 us against Pillow's 110 us for 112x112 -> 96x96
+    (benchmarks/decoders.py); the resize was the replica's top per-frame cost.
+    """
     th, tw = target_hw
     h, w = frame.shape[:2]
     if (h, w) == (th, tw):
         return frame
     scale = min(th / h, tw / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BILINEAR))
+    if not frame.flags.writeable:  # frames viewed straight from request bytes; torch wants to own a writable one
+        frame = frame.copy()
+    chw = torch.from_numpy(frame).permute(2, 0, 1).unsqueeze(0)  # a view: NCHW over HWC memory
+    resized = F.interpolate(chw, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     out = np.zeros((th, tw, 3), dtype=np.uint8)
     top, left = (th - nh) // 2, (tw - nw) // 2
-    out[top : top + nh, left : left + nw] = resized
+    # torch's transposing copy back to HWC is 2x numpy's here.
+    torch.from_numpy(out)[top : top + nh, left : left + nw].copy_(resized[0].permute(1, 2, 0))
     return out

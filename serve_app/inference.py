@@ -10,6 +10,7 @@ gets an immediate pass of one, sixteen robots get passes of up to sixteen.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import numpy as np
 from serve_app.observation import Observation
 from serve_app.responses import ChunkResult
 
+logger = logging.getLogger("ray.serve")
+
 
 @dataclass
 class Queued:
@@ -28,8 +31,16 @@ class Queued:
 
 
 class CoalescingInference:
-    def __init__(self, forward: Callable[[list[Observation]], np.ndarray], executor: Executor, max_batch_size: int):
+    def __init__(
+        self,
+        forward: Callable[[list[Observation]], np.ndarray],
+        executor: Executor,
+        max_batch_size: int,
+        on_pass: Callable[[int, float, float], None] | None = None,
+    ):
+        """`on_pass(batch_size, inference_ms, longest_queue_ms)` runs on the event loop after each pass."""
         self._forward = forward
+        self._on_pass = on_pass
         self._executor = executor
         self.max_batch_size = max_batch_size
         self._waiting: list[tuple[list[Queued], asyncio.Future]] = []
@@ -58,6 +69,12 @@ class CoalescingInference:
                             future.set_exception(exc)
                     continue
                 inference_ms = (time.perf_counter() - started) * 1e3
+                if self._on_pass is not None:
+                    oldest = min(q.enqueued_at for q in queued)
+                    try:
+                        self._on_pass(len(queued), inference_ms, (started - oldest) * 1e3)
+                    except Exception:  # noqa: BLE001 - a metrics fault must not strand the waiters
+                        logger.exception("on_pass callback failed")
                 i = 0
                 for group, future in taken:
                     results = [

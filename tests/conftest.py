@@ -8,6 +8,7 @@ running, and returns the loopback address robots connect to.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -17,6 +18,12 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
+from serve_app.ingress import choose_ingress, side_ports_env
+
+# Tests run the ingress the README starts: Serve's throughput-optimised one
+# (HAProxy). The session cluster and every launcher subprocess inherit it;
+# tests/test_standard_proxy.py covers the standard proxy.
+choose_ingress()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
@@ -52,10 +59,14 @@ def wait_for_health(address: str, metadata=(), timeout_s: float = 60.0, until=la
     raise TimeoutError(f"app at {address} not ready: {last}")
 
 
+def launcher_env() -> dict[str, str]:
+    """Environment for a test's own `python -m serve_app` cluster, beside the session's."""
+    return {**os.environ, **side_ports_env()}
+
+
 def stop_process_group(proc) -> None:
     """SIGTERM a subprocess started with start_new_session=True, then SIGKILL whatever of its
     group is left: Serve's HAProxy can respawn itself (reparented to init) while shutting down."""
-    import os
     import signal
     import subprocess
 
@@ -70,6 +81,19 @@ def stop_process_group(proc) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def process_tree_cmdlines(pid: int) -> list[str]:
+    """Command lines of every live descendant of `pid` (Ray titles its workers, e.g. `ray::ServeReplica:...`)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            out.append(" ".join(p.cmdline()) or p.name())
+        except psutil.NoSuchProcess:  # Ray workers come and go
+            pass
+    return out
 
 
 class DeployFailed(RuntimeError):
@@ -141,7 +165,17 @@ def serve_harness():
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Private HAProxy side ports for the session cluster only (the cluster keeps the
+    # environment it starts with); launcher tests start their own clusters beside it.
+    # (Only those keys are removed again: ray.init adds variables that clients of
+    # this cluster, e.g. notebook kernels, need.)
+    side_ports = side_ports_env()
+    os.environ.update(side_ports)
+    try:
+        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    finally:
+        for name in side_ports:
+            os.environ.pop(name, None)
     grpc_port = free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": free_port()},

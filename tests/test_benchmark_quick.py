@@ -1,4 +1,4 @@
-"""The load harness's --quick mode runs end to end against all three servers (no timing asserted)."""
+"""The load harness's --quick mode runs end to end against every server (no timing asserted)."""
 
 import json
 import subprocess
@@ -15,12 +15,16 @@ def test_quick_benchmark_runs_against_every_server(tmp_path):
     out = tmp_path / "quick.json"
     subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)], cwd=REPO_ROOT, check=True, timeout=900)
     report = json.loads(out.read_text())
-    assert set(report["servers"]) == {"direct", "serve_default", "serve_haproxy"}
+    assert set(report["servers"]) == {"direct", "serve_default", "serve_haproxy", "serve_haproxy_1replica"}
     for server, scenarios in report["servers"].items():
         for name, result in scenarios.items():
             assert result["requests"] > 0 and not result["errors"], (server, name, result)
             assert result["latency_ms"]["p50"] > 0 and result["server"]["rss_mib"] > 0
     assert report["servers"]["serve_default"]["closed-stream-2"]["batch_size"]["max"] >= 1
-    assert report["model_alone"]["best_samples_per_s"] > 0
+    model = report["model_alone"]
+    assert model["one_thread"]["best_samples_per_s"] > 0 and model["all_cores"]["best_samples_per_s"] > 0
+    assert model["input_path_one_thread"]["observations_per_s"] > 0
+    # Answers say which replica ran them: the one-replica server had exactly one.
+    assert {r["replicas_answering"] for r in report["servers"]["serve_haproxy_1replica"].values()} == {1}
     assert out.with_suffix(".png").stat().st_size > 0
     assert report["environment"]["versions"]["ray"]

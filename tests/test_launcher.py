@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from serve_app.__main__ import launch_plan, parse_args
-from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, stop_process_group, wait_for_health
+from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, process_tree_cmdlines, stop_process_group, wait_for_health
 
 
 def test_plan_takes_port_from_the_command_line_then_the_checkpoint():
@@ -41,10 +42,22 @@ def test_launcher_serves_the_checkpoint(tmp_path: Path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}", "--address=local",
          "--no_dashboard"],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO_ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         health = wait_for_health(f"127.0.0.1:{port}", timeout_s=180)
         assert health.policy_type == "visuomotor_chunk" and health.chunk_length == 16
+        # As serve_config.yaml says, behind the throughput-optimised ingress (an HAProxy process).
+        replicas = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())["applications"][0]["deployments"][0]["num_replicas"]
+        deadline = time.monotonic() + 120
+        while True:
+            names = process_tree_cmdlines(proc.pid)
+            running = sum("ServeReplica" in n for n in names)
+            if running == replicas or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert running == replicas, names
+        assert any("haproxy" in n for n in names), names
     finally:
         stop_process_group(proc)
+

@@ -136,3 +136,18 @@ def test_png_with_alpha_and_grayscale_are_rgb():
     assert decode_image(buf.getvalue(), "png").shape == (40, 40, 3)
     gray = encode(frame(40, 40)[..., 0], "JPEG")
     assert decode_image(gray, "jpeg").shape == (40, 40, 3)
+
+
+def test_decode_cost_reads_pixel_counts_from_headers_only():
+    from serve_app.images import UNKNOWN_COST, decode_cost_pixels
+
+    img = frame(120, 160)
+    jpeg, png = encode(img, "JPEG"), encode(img, "PNG")
+    assert decode_cost_pixels(jpeg, "jpeg") == decode_cost_pixels(png, "png") == 120 * 160
+    assert decode_cost_pixels(img.tobytes(), "raw", width=160, height=120) == 120 * 160
+    assert decode_cost_pixels(np.zeros((8, 8, 3), np.float32).tobytes(), "raw") == 64
+    # Anything that cannot be sized cheaply counts as expensive (it goes to the decode pool,
+    # where decode_image refuses it with a precise message).
+    assert decode_cost_pixels(b"\xff\xd8 not really a jpeg", "jpeg") == UNKNOWN_COST
+    assert decode_cost_pixels(b"GIF89a....", "jpeg") == UNKNOWN_COST
+    assert decode_cost_pixels(jpeg, "webp") == UNKNOWN_COST

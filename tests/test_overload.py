@@ -3,7 +3,7 @@
 The replica here is made deliberately slow and narrow: it serves at most
 MAX_ONGOING robots at once (`max_ongoing_requests`) and each batch waits
 BATCH_WAIT_S to fill, so it completes about MAX_ONGOING / BATCH_WAIT_S chunks
-per second. Serve's proxy lets MAX_QUEUED more wait for it
+per second. Serve's ingress lets MAX_QUEUED more wait for it
 (`max_queued_requests`) and refuses the rest at once with RESOURCE_EXHAUSTED.
 The excess robots hear "no" in milliseconds, the admitted ones keep a latency
 bounded by the queue, and robots that back off and retry all get served.
@@ -97,7 +97,8 @@ def test_excess_robots_are_refused_quickly_and_admitted_ones_keep_bounded_latenc
     )
     # Refused at once, by the proxy, with a message that says why.
     assert np.percentile(refusal_s, 99) < 0.5, f"refusals took p99 {np.percentile(refusal_s, 99):.3f} s"
-    assert f"max_queued_requests={MAX_QUEUED}" in refused[0][1], refused[0][1]
+    # Serve's standard proxy names the limit; the HAProxy ingress (the default) only says why.
+    assert f"max_queued_requests={MAX_QUEUED}" in refused[0][1] or "backpressure" in refused[0][1], refused[0][1]
     # Admitted robots wait for the few calls ahead of them (about two batches, plus the proxy's
     # work on a loaded 2-core machine), not for every robot in the fleet as without the limit.
     assert np.percentile(ok, 95) < 0.75 * UNBOUNDED_LATENCY_S, (np.percentile(ok, 50), np.percentile(ok, 95))

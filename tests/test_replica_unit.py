@@ -59,3 +59,46 @@ def test_user_config_is_validated():
 def test_health_check_response(replica):
     health = asyncio.run(replica.HealthCheck(pb.HealthCheckRequest(), grpc_context=Context()))
     assert health.healthy and health.replica_id == "local" and health.chunk_length == 16
+
+
+class CountingPool:
+    """The replica's decode pool, counting what is handed to it."""
+
+    def __init__(self, pool):
+        self.pool, self.calls = pool, 0
+
+    def submit(self, fn, *args):
+        self.calls += 1
+        return self.pool.submit(fn, *args)
+
+
+def test_small_frames_decode_inline_large_ones_in_the_pool_with_the_same_answer(replica, monkeypatch):
+    from ray.serve.batching import _BatchQueue
+
+    from tests.payloads import encode, frame
+
+    # Outside a replica, @serve.batch's queue asks for a replica context it does not need.
+    # Its queue also lives with the first event loop that used it: one asyncio.run for all calls.
+    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
+    pool = replica._decode_pool = CountingPool(replica._decode_pool)
+
+    def request(side):
+        r = observation()
+        for camera in r.images:
+            camera.image_data = encode(frame(side, side), "JPEG")
+        return r
+
+    async def answer(r, inline_max):
+        replica._inline_decode_max_pixels = inline_max
+        before = pool.calls
+        response = await replica.GetActionChunk(r, grpc_context=Context())
+        return [list(row.values) for row in response.action_chunk], pool.calls - before
+
+    async def scenario():
+        small, large = request(96), request(1280)
+        budget = 2 * 640 * 480  # the default: two VGA frames
+        return [await answer(small, budget), await answer(small, 0), await answer(large, budget), await answer(large, 0)]
+
+    (small_inline, hops_a), (small_pooled, hops_b), (large_default, hops_c), (large_pooled, hops_d) = asyncio.run(scenario())
+    assert (hops_a, hops_b, hops_c, hops_d) == (0, 1, 1, 1)  # 2 x 1280^2 pixels is over the default budget
+    assert len(small_inline) == 16 and small_inline == small_pooled and large_default == large_pooled

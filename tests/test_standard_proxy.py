@@ -1,4 +1,6 @@
-"""Serve's throughput-optimised ingress (HAProxy): streams, auth and errors behave as with the default proxy."""
+"""Serve's standard gRPC proxy (`--standard_proxy`): streams, auth and errors behave as behind HAProxy.
+
+Every other serving test runs behind the default, throughput-optimised ingress."""
 
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, stop_process_group, wait_for_health
+from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, process_tree_cmdlines, stop_process_group, wait_for_health
 from tests.payloads import observation
 
 pytestmark = pytest.mark.serve
-KEY = "haproxy-mode-key"
+KEY = "standard-proxy-key"
 
 
-def test_throughput_mode_keeps_streams_auth_and_errors(tmp_path):
+def test_standard_proxy_keeps_streams_auth_and_errors(tmp_path):
     port = free_port()
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
@@ -30,13 +32,15 @@ def test_throughput_mode_keeps_streams_auth_and_errors(tmp_path):
     log = (tmp_path / "launcher.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}",
-         f"--serve_config={config}", "--address=local", "--no_dashboard", "--throughput_mode"],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+         f"--serve_config={config}", "--address=local", "--no_dashboard", "--standard_proxy"],
+        cwd=REPO_ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     auth = (("x-api-key", KEY),)
     try:
         address = f"127.0.0.1:{port}"
         wait_for_health(address, metadata=auth, timeout_s=240)
+        tree = process_tree_cmdlines(proc.pid)
+        assert not any("haproxy" in n for n in tree) and any("ProxyActor" in n for n in tree), tree
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RobotPolicyServiceStub(channel)
             with pytest.raises(grpc.RpcError) as info:
