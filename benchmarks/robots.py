@@ -103,13 +103,20 @@ async def _robot(address: str, robot: int, scenario: Scenario, t_end: float, log
                     if call is not None:
                         await call.write(request)
                         response = await asyncio.wait_for(call.read(), scenario.timeout_s)
+                        if response is grpc.aio.EOF:  # the server closed the stream: next write says why
+                            raise asyncio.InvalidStateError("stream closed")
                     else:
                         response = await stub.GetActionChunk(request, timeout=scenario.timeout_s, metadata=metadata)
                     latency = time.perf_counter() - start
                     log.ok(latency * 1e3, response)
-                except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+                except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError) as exc:
                     latency = time.perf_counter() - start
-                    log.error(exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "TIMEOUT")
+                    if isinstance(exc, grpc.aio.AioRpcError):
+                        log.error(exc.code().name)
+                    elif isinstance(exc, asyncio.InvalidStateError):  # the server ended the stream before this write
+                        log.error(f"stream ended: {(await call.code()).name}")
+                    else:
+                        log.error("TIMEOUT")
                     if call is not None:
                         call.cancel()
                         call = stub.StreamActionChunks(metadata=metadata)
