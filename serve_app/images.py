@@ -168,7 +168,7 @@ def letterbox(frame: np.ndarray, target_hw: tuple[int, int]) -> np.ndarray:
 
     The filter is antialiased bilinear, Pillow's BILINEAR to within one grey level,
     through torch's uint8 kernel: 66 us against Pillow's 110 us for 112x112 -> 96x96
-    (benchmarks/decoders.py); the resize was the replica's top per-frame cost.
+    on the 2-core dev box; the resize was the replica's top per-frame cost.
     """
     th, tw = target_hw
     h, w = frame.shape[:2]

@@ -92,7 +92,7 @@ class RobotPolicyReplica:
         # chunks/s without it. Larger frames go to the pool so that one robot's
         # 4K camera cannot stall every other robot on this replica.
         self._inline_decode_max_pixels = inline_decode_max_pixels
-        self._decode_pool = ThreadPoolExecutor(max(decode_threads, 1), thread_name_prefix="decode")
+        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         # One inference thread: forward passes never overlap on the device.
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._metrics = ReplicaMetrics()
