@@ -16,7 +16,7 @@ import yaml
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.ingress import side_ports_env
+from serve_app.ingress import private_ports_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,8 +161,8 @@ def ray_serve(name: str, port: int, http_port: int, user_config: dict, work: Pat
     checkpoint = REPO_ROOT / "checkpoints" / "demo"
     argv = [sys.executable, "-m", "serve_app", f"--config_path={checkpoint}", f"--server.port={port}",
             f"--serve_config={config}", "--address=local", "--no_dashboard"]
-    # Its own HAProxy side ports: the servers of one run are up together.
-    return ServerUnderTest(name, argv + (["--standard_proxy"] if standard_proxy else []), port, env=side_ports_env())
+    # Its own ports (serve_app.ingress.private_ports_env): the servers of one run are up together.
+    return ServerUnderTest(name, argv + (["--standard_proxy"] if standard_proxy else []), port, env=private_ports_env())
 
 
 def direct(port: int, checkpoint: Path, torch_threads: int = 1) -> ServerUnderTest:

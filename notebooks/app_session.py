@@ -78,9 +78,11 @@ def free_port() -> int:
 def start_here(timeout_s: float = 180.0) -> AppSession:
     """serve_config.yaml's app in a Ray instance owned by this kernel, on a free loopback port,
     behind the same throughput-optimised ingress as the README's `serve run`."""
-    from serve_app.ingress import choose_ingress
+    from serve_app.ingress import choose_ingress, private_ports_env
 
     choose_ingress()  # before ray.init starts the cluster, which inherits it
+    # A kernel's cluster may sit beside `serve run`'s on this machine: keep it off Serve's shared ports.
+    os.environ.update(private_ports_env())
     import ray
     import yaml
     from ray import serve

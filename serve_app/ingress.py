@@ -26,22 +26,39 @@ def choose_ingress(standard_proxy: bool = False, environ: MutableMapping[str, st
         environ.update(THROUGHPUT_MODE_ENV)
 
 
-def side_ports_env() -> dict[str, str]:
-    """HAProxy's stats and Prometheus frontends on free ports, for a cluster sharing its machine.
+# Ports Serve binds on every machine that runs a cluster in throughput mode, the
+# same numbers for every cluster unless moved (Serve's defaults, Ray 2.60):
+# HAProxy's stats page and Prometheus endpoint, and the fallback Serve proxy
+# HAProxy routes to when it sees no healthy replica.
+SHARED_PORT_ENV = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",  # 8404
+    "RAY_SERVE_HAPROXY_METRICS_PORT",  # 9101
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",  # 9500
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",  # 8500
+)
 
-    In throughput mode every cluster's HAProxy binds ports 8404 (stats) and
-    9101 (Prometheus) on all interfaces, so a second cluster on the same
-    machine (tests, benchmarks side by side) fails to start unless it is moved.
+
+def private_ports_env() -> dict[str, str]:
+    """Free ports for a cluster that shares its machine with other clusters (tests, benchmarks).
+
+    Two clusters on one machine collide on SHARED_PORT_ENV's ports. HAProxy's
+    clash is loud (the second cluster fails to start). The fallback proxy's is
+    silent and dangerous: Serve binds it with SO_REUSEPORT, so the kernel hands
+    a connection for one cluster's fallback to any cluster's, and a robot whose
+    replicas were briefly marked down gets another app's answer (CI saw a
+    benchmark stream refused UNAUTHENTICATED by the test cluster's app).
+    Turning SO_REUSEPORT off as well makes any clash left over fail at bind.
     """
     import socket
 
-    ports = []
-    sockets = [socket.socket() for _ in range(2)]
+    sockets = [socket.socket() for _ in SHARED_PORT_ENV]
     try:
-        for s in sockets:  # held open together so the two ports differ
+        for s in sockets:  # held open together so the ports differ
             s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+        ports = [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
             s.close()
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(ports[0]), "RAY_SERVE_HAPROXY_METRICS_PORT": str(ports[1])}
+    env = {name: str(port) for name, port in zip(SHARED_PORT_ENV, ports)}
+    env["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"
+    return env

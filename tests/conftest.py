@@ -18,7 +18,7 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.ingress import choose_ingress, side_ports_env
+from serve_app.ingress import choose_ingress, private_ports_env
 
 # Tests run the ingress the README starts: Serve's throughput-optimised one
 # (HAProxy). The session cluster and every launcher subprocess inherit it;
@@ -59,9 +59,9 @@ def wait_for_health(address: str, metadata=(), timeout_s: float = 60.0, until=la
     raise TimeoutError(f"app at {address} not ready: {last}")
 
 
-def launcher_env() -> dict[str, str]:
+def launcher_env(private_ports: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a test's own `python -m serve_app` cluster, beside the session's."""
-    return {**os.environ, **side_ports_env()}
+    return {**os.environ, **(private_ports or private_ports_env())}
 
 
 def stop_process_group(proc) -> None:
@@ -94,6 +94,20 @@ def process_tree_cmdlines(pid: int) -> list[str]:
         except psutil.NoSuchProcess:  # Ray workers come and go
             pass
     return out
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports that `pid` and its descendants listen on."""
+    import psutil
+
+    ports = set()
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            ports |= {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return ports
 
 
 class DeployFailed(RuntimeError):
@@ -165,16 +179,16 @@ def serve_harness():
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    # Private HAProxy side ports for the session cluster only (the cluster keeps the
-    # environment it starts with); launcher tests start their own clusters beside it.
+    # Private ports for the session cluster only (the cluster keeps the environment it
+    # starts with); launcher tests and benchmarks start their own clusters beside it.
     # (Only those keys are removed again: ray.init adds variables that clients of
     # this cluster, e.g. notebook kernels, need.)
-    side_ports = side_ports_env()
-    os.environ.update(side_ports)
+    private_ports = private_ports_env()
+    os.environ.update(private_ports)
     try:
         ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
-        for name in side_ports:
+        for name in private_ports:
             os.environ.pop(name, None)
     grpc_port = free_port()
     serve.start(

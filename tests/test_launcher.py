@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from serve_app.__main__ import launch_plan, parse_args
-from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, process_tree_cmdlines, stop_process_group, wait_for_health
+from serve_app.ingress import SHARED_PORT_ENV, private_ports_env
+from tests.conftest import (DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, listening_ports, process_tree_cmdlines,
+                            stop_process_group, wait_for_health)
 
 
 def test_plan_takes_port_from_the_command_line_then_the_checkpoint():
@@ -38,11 +40,12 @@ def test_serve_config_is_what_the_launcher_reads():
 @pytest.mark.serve
 def test_launcher_serves_the_checkpoint(tmp_path: Path):
     port = free_port()
+    private_ports = private_ports_env()
     log = (tmp_path / "launcher.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}", "--address=local",
          "--no_dashboard"],
-        cwd=REPO_ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO_ROOT, env=launcher_env(private_ports), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         health = wait_for_health(f"127.0.0.1:{port}", timeout_s=180)
@@ -58,6 +61,14 @@ def test_launcher_serves_the_checkpoint(tmp_path: Path):
             time.sleep(0.5)
         assert running == replicas, names
         assert any("haproxy" in n for n in names), names
+        # A cluster beside others (this one sits beside the session's) must keep off the ports
+        # Serve uses machine-wide: its fallback proxy's are shared silently via SO_REUSEPORT.
+        moved = {int(private_ports[name]) for name in SHARED_PORT_ENV}
+        serve_defaults = {8404, 9101, 9500, 8500}
+        deadline = time.monotonic() + 60
+        while not moved <= (ports := listening_ports(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)  # the fallback proxy starts after the app answers
+        assert moved <= ports and not ports & serve_defaults, (sorted(ports), private_ports)
     finally:
         stop_process_group(proc)
 
