@@ -3,9 +3,11 @@
     .venv/bin/python -m benchmarks.chaos_soak                      # the full soak (10 min, a kill every 2 min)
     .venv/bin/python -m benchmarks.chaos_soak --minutes 4          # shorter, same kill period
     .venv/bin/python -m benchmarks.chaos_soak --minutes 1 --kill-every 20 --out /tmp/soak.json
+    .venv/bin/python -m benchmarks.chaos_soak --ingress standard   # Serve's standard gRPC proxy
 
 Not part of CI. It starts its own Ray cluster and the real app (serve_config.yaml's
-deployment settings, `--replicas` replicas on loopback), then runs `--robots`
+deployment settings, `--replicas` replicas on loopback, behind the README's default
+HAProxy ingress unless `--ingress standard`), then runs `--robots`
 robot_client control loops (ControlLoop + PolicyClient, bidirectional streams,
 replayed observations at 30 Hz). Every `--kill-every` seconds it SIGKILLs one
 replica's worker process, round robin. It reports:
@@ -27,7 +29,6 @@ import logging
 import os
 import platform
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from robot_client.control_loop import ControlLoop, LoopConfig
 from robot_client.errors import PolicyError
 from robot_client.policy_client import PolicyClient
 from robot_client.replay_robot import ReplayRobot, synthetic_recording
+from serve_app.cluster_ports import free_port, private_ports_env
+from serve_app.ingress import choose_ingress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "robot_policy"
@@ -48,17 +51,13 @@ HUNG_GRACE_S = 1.0
 logger = logging.getLogger("chaos_soak")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- the server ----------------------------------------------------------------
 
 
-def start_app(replicas: int) -> str:
+def start_app(replicas: int, ingress: str) -> str:
     """Ray + Serve on loopback with serve_config.yaml's application, `replicas` replicas; returns the address."""
+    choose_ingress(standard_proxy=ingress == "standard")  # before ray.init starts the cluster
+    os.environ.update(private_ports_env())  # whatever else runs on this machine
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -289,7 +288,7 @@ def report(robots: list[SoakRobot], kills: list[dict], args, wall_s: float, stop
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "config": {"robots": args.robots, "minutes": args.minutes, "kill_every_s": args.kill_every,
-                   "replicas": args.replicas, "mode": "stream", "control_hz": HZ, "watchdog_s": 0.1,
+                   "replicas": args.replicas, "ingress": args.ingress, "mode": "stream", "control_hz": HZ, "watchdog_s": 0.1,
                    "client_timeout_s": 5.0, "hung_means": f"a call longer than its deadline + {HUNG_GRACE_S} s"},
         "wall_s": round(wall_s, 1),
         "kills": kills,
@@ -317,12 +316,13 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=120.0, help="seconds between replica kills")
     parser.add_argument("--robots", type=int, default=16)
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--ingress", choices=("haproxy", "standard"), default="haproxy")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "chaos_soak.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("robot_client").setLevel(logging.ERROR)
 
-    address = start_app(args.replicas)
+    address = start_app(args.replicas, args.ingress)
     robots = [SoakRobot.start(i, address) for i in range(args.robots)]
     logger.info("%d robots streaming at %.0f Hz; a replica killed every %.0f s for %.1f min",
                 args.robots, HZ, args.kill_every, args.minutes)

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,15 +27,10 @@ from pathlib import Path
 from benchmarks import model_throughput
 from benchmarks.robots import Scenario, play, summarize
 from benchmarks.servers import REPO_ROOT, ResourceMeter, direct, ray_serve
+from serve_app.cluster_ports import free_port
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}  # as in serve_config.yaml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scenarios(quick: bool, seconds: float) -> list[Scenario]:

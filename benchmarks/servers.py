@@ -16,7 +16,7 @@ import yaml
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.ingress import private_ports_env
+from serve_app.cluster_ports import private_ports_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,8 @@ class ServerUnderTest:
             stub = pb_grpc.RobotPolicyServiceStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
+                    self.stop()  # its cluster may outlive the launcher
+                    raise RuntimeError(f"{self.name} exited early; the end of {self.log_path}:\n{self.log_tail()}")
                 try:
                     if stub.HealthCheck(pb.HealthCheckRequest(), timeout=2).healthy:
                         return
@@ -54,7 +55,11 @@ class ServerUnderTest:
                     pass
                 time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"{self.name} not healthy after {ready_timeout_s}s; see {self.log_path}")
+        raise TimeoutError(f"{self.name} not healthy after {ready_timeout_s}s; the end of {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The server's last words, for an error that CI prints after the log is gone."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def processes(self) -> list[psutil.Process]:
         if self.proc is None:
@@ -161,7 +166,7 @@ def ray_serve(name: str, port: int, http_port: int, user_config: dict, work: Pat
     checkpoint = REPO_ROOT / "checkpoints" / "demo"
     argv = [sys.executable, "-m", "serve_app", f"--config_path={checkpoint}", f"--server.port={port}",
             f"--serve_config={config}", "--address=local", "--no_dashboard"]
-    # Its own ports (serve_app.ingress.private_ports_env): the servers of one run are up together.
+    # Its own ports (serve_app.cluster_ports): the servers of one run are up together.
     return ServerUnderTest(name, argv + (["--standard_proxy"] if standard_proxy else []), port, env=private_ports_env())
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.ingress import choose_ingress, private_ports_env
+from serve_app.cluster_ports import free_port, private_ports_env
+from serve_app.ingress import choose_ingress
 
 # Tests run the ingress the README starts: Serve's throughput-optimised one
 # (HAProxy). The session cluster and every launcher subprocess inherit it;
@@ -33,12 +33,6 @@ SERVICERS = [
 ]
 APP_NAME = "robot_policy"
 DEFAULT_USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_health(address: str, metadata=(), timeout_s: float = 60.0, until=lambda h: True) -> pb.HealthCheckResponse:

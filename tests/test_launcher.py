@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from serve_app.__main__ import launch_plan, parse_args
-from serve_app.ingress import SHARED_PORT_ENV, private_ports_env
+from serve_app.cluster_ports import SINGLE_PORTS, private_ports_env
 from tests.conftest import (DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, listening_ports, process_tree_cmdlines,
                             stop_process_group, wait_for_health)
 
@@ -62,13 +62,17 @@ def test_launcher_serves_the_checkpoint(tmp_path: Path):
         assert running == replicas, names
         assert any("haproxy" in n for n in names), names
         # A cluster beside others (this one sits beside the session's) must keep off the ports
-        # Serve uses machine-wide: its fallback proxy's are shared silently via SO_REUSEPORT.
-        moved = {int(private_ports[name]) for name in SHARED_PORT_ENV}
-        serve_defaults = {8404, 9101, 9500, 8500}
+        # Serve uses machine-wide: the replicas' and the fallback proxy's are shared silently
+        # through SO_REUSEPORT (serve_app/cluster_ports.py).
+        singles = {int(private_ports[name]) for name in SINGLE_PORTS}
+        low, high = (int(private_ports[f"RAY_SERVE_DIRECT_INGRESS_{end}_GRPC_PORT"]) for end in ("MIN", "MAX"))
         deadline = time.monotonic() + 60
-        while not moved <= (ports := listening_ports(proc.pid)) and time.monotonic() < deadline:
+        while not singles <= (ports := listening_ports(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.5)  # the fallback proxy starts after the app answers
-        assert moved <= ports and not ports & serve_defaults, (sorted(ports), private_ports)
+        assert singles <= ports and not ports & {8404, 9101, 9500, 8500}, (sorted(ports), private_ports)
+        # Each replica's gRPC server in the block (Ray's own workers listen on random ports, so
+        # Serve's default replica range cannot simply be checked empty).
+        assert len([p for p in ports if low <= p < high]) == replicas, (sorted(ports), private_ports)
     finally:
         stop_process_group(proc)
 
