@@ -19,7 +19,7 @@ import threading
 from robot_client.chunk_executor import MERGE_RULES
 from robot_client.control_loop import HOLD_MODES, ControlLoop, LoopConfig
 from robot_client.errors import PolicyError
-from robot_client.policy_client import API_KEY_ENV, MODES, PolicyClient
+from robot_client.policy_client import API_KEY_ENV, MODES, STREAM_MAX_AGE_S, PolicyClient
 from robot_client.robot import ObservationUnavailable
 
 logger = logging.getLogger("robot_client")
@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
         "--tls-key", "--tls_key", dest="tls_key", default=None, help="mTLS: this robot's private key (PEM)"
     )
     ours.add_argument("--mode", choices=MODES, default="unary", help="one call per chunk, or one bidirectional stream")
+    ours.add_argument("--stream_max_age", type=float, default=STREAM_MAX_AGE_S, metavar="S",
+                      help="--mode stream: open a fresh stream between requests once one is this old, so a "
+                           "server-side reload (HAProxy ingress) never cuts one mid-run")
     ours.add_argument(
         "--robot",
         choices=("auto", "replay", "ros2"),
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            stream_max_age_s=args.stream_max_age,
         )
         robot, frequency = choose_robot(args, 30.0)
         config = LoopConfig(

@@ -42,6 +42,7 @@ class ChunkStream:
         self._answers: queue.SimpleQueue = queue.SimpleQueue()
         self._call = stub.StreamActionChunks(iter(self._requests.get, _CLOSE), metadata=metadata)
         self._failure: grpc.RpcError | None = None
+        self._opened_at = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="chunk-stream-reader", daemon=True)
         self._reader.start()
 
@@ -72,6 +73,13 @@ class ChunkStream:
                 return answer
             # An answer to an earlier request that we stopped waiting for.
             logger.debug("stream: dropping answer to %s while waiting for %s", answer.request_id, request.request_id)
+
+    def age_s(self) -> float:
+        return time.monotonic() - self._opened_at
+
+    def finish(self) -> None:
+        """End the stream politely (no more requests; the server closes it with OK), for renewal."""
+        self._requests.put(_CLOSE)
 
     def _fail(self, failure: grpc.RpcError) -> None:
         self._failure = failure

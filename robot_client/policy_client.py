@@ -7,7 +7,9 @@ What it adds to the bare stub, and nothing more:
 - reconnect after a transient failure, paced by a Backoff, and a connection
   `epoch` that counts the gaps so callers can tell pre-gap answers apart;
 - the server's input spec (HealthCheck) and image encoding at that resolution;
-- unary or bidirectional-stream calls behind the same `infer`.
+- unary or bidirectional-stream calls behind the same `infer`; a stream is
+  replaced by a fresh one between requests once it is `stream_max_age_s` old
+  (see STREAM_MAX_AGE_S).
 
 One call at a time: the control loop has a single inference worker.
 """
@@ -94,6 +96,15 @@ class ActionChunk:
         )
 
 
+# Behind Serve's HAProxy ingress every change to the replica set (a replica
+# replaced, autoscaling, a redeploy) reloads HAProxy; the old HAProxy process
+# keeps the streams it carries and cuts them all when Serve's hard-stop-after
+# (120 s) fires. A stream opened after the reload, even on the same channel,
+# goes to the new process. Renewing streams well inside that window means a
+# reload never cuts one mid-run (benchmarks/chaos_soak.py measured the cuts).
+STREAM_MAX_AGE_S = 60.0
+
+
 class PolicyClient:
     def __init__(
         self,
@@ -107,6 +118,7 @@ class PolicyClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        stream_max_age_s: float = STREAM_MAX_AGE_S,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -114,6 +126,7 @@ class PolicyClient:
         self.address = address
         self.timeout_s = timeout_s
         self.mode = mode
+        self.stream_max_age_s = stream_max_age_s
         self.jpeg_quality = jpeg_quality
         self.backoff = backoff or Backoff()
         self._api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
@@ -283,6 +296,9 @@ class PolicyClient:
 
     def _exchange_on_stream(self, request: pb.ObservationRequest, timeout: float) -> pb.ActionChunkResponse:
         with self._lock:
+            if self._stream is not None and self._stream.age_s() > self.stream_max_age_s:
+                self._stream.finish()  # between requests: nothing is waiting on it
+                self._stream = None
             if self._stream is None:
                 self._stream = ChunkStream(self._connect(), self._metadata)
             stream = self._stream

@@ -92,6 +92,7 @@ class FakePolicy(pb_grpc.RobotPolicyServiceServicer):
                 )
                 continue
             yield self._answer(request)
+        self.calls["stream_ended_by_client"] += 1  # the client half-closed; the call ends with OK
 
 
 class FakeServer:
@@ -173,6 +174,24 @@ def test_a_wrong_key_is_not_retried(server):
         with pytest.raises(AuthenticationFailed, match="API key given was refused"):
             client.get_action_chunk(observation(), "pick", attempts=5)
         assert server.policy.calls["unary"] == 1
+    finally:
+        client.close()
+
+
+def test_an_old_stream_is_renewed_between_requests_without_a_gap(server):
+    # Behind HAProxy a reload cuts every stream older than it when the old process stops
+    # (robot_client.policy_client.STREAM_MAX_AGE_S); renewing ahead of that is invisible.
+    client = client_for(server, mode="stream", stream_max_age_s=0.25)
+    try:
+        for _ in range(8):
+            client.get_action_chunk(observation(), "pick")
+            time.sleep(0.1)
+        deadline = time.monotonic() + 2
+        while server.policy.calls["stream_ended_by_client"] < server.policy.calls["stream"] - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 3 <= server.policy.calls["stream"] <= 5  # ~0.8 s of calls, a new stream every ~0.3 s
+        assert server.policy.calls["stream_message"] == 8 and client.epoch == 0  # no request lost, no gap
+        assert server.policy.calls["stream_ended_by_client"] == server.policy.calls["stream"] - 1  # closed politely
     finally:
         client.close()
 
