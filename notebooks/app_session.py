@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import free_port
+from serve_app.cluster_ports import free_port, private_ports_env
 
 ADDRESS_ENV = "ROBOT_POLICY_ADDRESS"  # where the app is (tests set it to their loopback app)
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # `serve run serve_config.yaml`
@@ -72,7 +72,6 @@ def connect_or_start(address: str | None = None, start_timeout_s: float = 180.0)
 def start_here(timeout_s: float = 180.0) -> AppSession:
     """serve_config.yaml's app in a Ray instance owned by this kernel, on a free loopback port,
     behind the same throughput-optimised ingress as the README's `serve run`."""
-    from serve_app.cluster_ports import private_ports_env
     from serve_app.ingress import choose_ingress
 
     choose_ingress()  # before ray.init starts the cluster, which inherits it
