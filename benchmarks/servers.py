@@ -90,6 +90,13 @@ class ServerUnderTest:
         if self.proc is None:
             return
         tree = self.processes()
+        groups = {self.proc.pid}  # Ray workers run in groups of their own; HAProxy inherits its starter's
+        for p in tree:
+            try:
+                groups.add(os.getpgid(p.pid))
+            except ProcessLookupError:
+                pass
+        groups.discard(os.getpgid(0))
         for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             try:
                 os.killpg(self.proc.pid, sig)
@@ -104,10 +111,11 @@ class ServerUnderTest:
             except psutil.NoSuchProcess:
                 pass
         time.sleep(1)
-        try:  # HAProxy may respawn itself (reparented, same group) while Serve shuts down
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for group in groups:  # HAProxy may respawn itself (reparented, same group) while Serve shuts down
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc = None
 
 

@@ -59,21 +59,35 @@ def launcher_env(private_ports: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def stop_process_group(proc) -> None:
-    """SIGTERM a subprocess started with start_new_session=True, then SIGKILL whatever of its
-    group is left: Serve's HAProxy can respawn itself (reparented to init) while shutting down."""
+    """SIGTERM a subprocess started with start_new_session=True, then SIGKILL whatever is left of
+    every process group its tree had: Ray workers run in groups of their own, and Serve's HAProxy,
+    started by one of them, outlives the cluster (reparented to init, still bound to port 8000)."""
     import signal
     import subprocess
 
+    import psutil
+
+    groups = {proc.pid}
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                groups.add(os.getpgid(child.pid))
+            except ProcessLookupError:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    groups.discard(os.getpgid(0))  # never our own
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     time.sleep(1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
 
 
