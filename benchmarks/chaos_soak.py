@@ -35,14 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from robot_client.control_loop import ControlLoop, LoopConfig
 from robot_client.errors import PolicyError
 from robot_client.policy_client import PolicyClient
 from robot_client.replay_robot import ReplayRobot, synthetic_recording
-from serve_app.cluster_ports import free_port, private_ports_env
-from serve_app.ingress import choose_ingress
+from serve_app.cluster_ports import LOOPBACK_NODE, free_port, private_ports_env
+from serve_app.ingress import load_config, start_options, with_ingress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "robot_policy"
@@ -54,28 +53,28 @@ logger = logging.getLogger("chaos_soak")
 # --- the server ----------------------------------------------------------------
 
 
-def start_app(replicas: int, ingress: str) -> str:
-    """Ray + Serve on loopback with serve_config.yaml's application, `replicas` replicas; returns the address."""
-    choose_ingress(standard_proxy=ingress == "standard")  # before ray.init starts the cluster
-    os.environ.update(private_ports_env())  # whatever else runs on this machine
+def start_app(replicas: int, ingress: str, autoscaling: dict | None = None, cpus: int | None = None) -> str:
+    """Ray + Serve on loopback with serve_config.yaml's application, `replicas` replicas (or, with
+    `autoscaling`, serve_config.yaml's autoscaling_config updated by it); returns the address."""
+    os.environ.update(private_ports_env())  # loopback, and ports of its own beside whatever else runs here
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    config = with_ingress(load_config(), standard_proxy=ingress == "standard")
     app = config["applications"][0]
     app["args"]["checkpoint"] = str(REPO_ROOT / app["args"]["checkpoint"])
     deployment = app["deployments"][0]
-    deployment["num_replicas"] = replicas
-    deployment.pop("autoscaling_config", None)
-    ray.init(num_cpus=max(4, replicas + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if autoscaling is None:
+        deployment["num_replicas"] = replicas
+        deployment.pop("autoscaling_config", None)
+    else:
+        deployment["autoscaling_config"].update(autoscaling)
+    ray.init(num_cpus=cpus or max(4, replicas + 2), include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address=LOOPBACK_NODE)
     port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": free_port()},
-        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=config["grpc_options"]["grpc_servicer_functions"]),
-    )
+    serve.start(**start_options(config, grpc_port=port, http_port=free_port(), http_host="127.0.0.1"))
     client = _get_global_client()
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
     logger.info("serving %s with %d replicas on 127.0.0.1:%d: %s", app["args"]["checkpoint"], replicas, port, deployment)
@@ -112,6 +111,7 @@ class SoakClient(PolicyClient):
         self.failures: list[tuple[float, float, str]] = []  # (sent, failed, code)
         self.calls: list[tuple[float, float]] = []  # (duration, deadline)
         self.replica_of: dict[str, str] = {}
+        self.latency_ms: dict[str, float] = {}
 
     def _timed(self, fn, timeout, *args):
         started = time.monotonic()
@@ -132,6 +132,7 @@ class SoakClient(PolicyClient):
             raise
         self.received[chunk.request_id] = time.monotonic()
         self.replica_of[chunk.request_id] = chunk.replica_id
+        self.latency_ms[chunk.request_id] = (self.received[chunk.request_id] - sent) * 1e3
         return chunk
 
 
@@ -147,8 +148,8 @@ class SoakRobot:
     loop_started: float = 0.0
 
     @classmethod
-    def start(cls, index: int, address: str) -> SoakRobot:
-        client = SoakClient(address, mode="stream", timeout_s=5.0)
+    def start(cls, index: int, address: str, **client_options) -> SoakRobot:
+        client = SoakClient(address, mode="stream", timeout_s=5.0, **client_options)
         robot = ReplayRobot(synthetic_recording(frames=30, height=120, width=160, state_dim=14, seed=index))
         config = LoopConfig(prompt="pick up the cube", control_frequency=HZ, watchdog_timeout_s=0.1, stats_interval_s=3600)
         me = cls(index, ControlLoop.connect(robot, client, config, 60), robot, client)

@@ -154,12 +154,15 @@ def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_
                  deployment: dict | None = None) -> Path:
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     config["grpc_options"]["port"] = port
-    config["http_options"]["port"] = http_port
+    config["http_options"].update(host="127.0.0.1", port=http_port)  # loopback only (both ingresses)
     app = config["applications"][0]
     app["args"]["checkpoint"] = str(REPO_ROOT / "checkpoints" / "demo")
     app["args"].update(extra_args or {})
     app["deployments"][0]["user_config"] = user_config
-    app["deployments"][0].update(deployment or {})
+    # A fixed replica count, so servers compare like for like (serve_config.yaml autoscales 1..2:
+    # 2 is what it runs under load; benchmarks/autoscaling.py measures the scaling itself).
+    app["deployments"][0].pop("autoscaling_config", None)
+    app["deployments"][0].update({"num_replicas": 2, **(deployment or {})})
     out.write_text(yaml.safe_dump(config))
     return out
 

@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import free_port, private_ports_env
+from serve_app.cluster_ports import LOOPBACK_NODE, free_port, private_ports_env
 
 ADDRESS_ENV = "ROBOT_POLICY_ADDRESS"  # where the app is (tests set it to their loopback app)
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # `serve run serve_config.yaml`
@@ -72,22 +72,19 @@ def connect_or_start(address: str | None = None, start_timeout_s: float = 180.0)
 def start_here(timeout_s: float = 180.0) -> AppSession:
     """serve_config.yaml's app in a Ray instance owned by this kernel, on a free loopback port,
     behind the same throughput-optimised ingress as the README's `serve run`."""
-    from serve_app.ingress import choose_ingress
+    from serve_app.ingress import load_config, start_options
 
-    choose_ingress()  # before ray.init starts the cluster, which inherits it
-    # A kernel's cluster may sit beside `serve run`'s on this machine: keep it off Serve's shared ports.
+    # A kernel's cluster may sit beside `serve run`'s on this machine: keep it on loopback, off Serve's shared ports.
     os.environ.update(private_ports_env())
     import ray
-    import yaml
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    config = load_config()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK_NODE,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=config["grpc_options"]["grpc_servicer_functions"]))
+    # serve_config.yaml's ingress (HAProxy, from its controller_options), on loopback.
+    serve.start(**start_options(config, grpc_port=port, http_port=free_port(), http_host="127.0.0.1"))
     app = config["applications"][0]
     app["args"]["checkpoint"] = str((REPO_ROOT / app["args"]["checkpoint"]).resolve())
     deploy(app, timeout_s)

@@ -60,8 +60,24 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
+    # A reconnect after a gap must be a new connection. gRPC otherwise keeps a process-wide pool of
+    # connections, and the fresh channel picks up the old one, still "ready" to gRPC when the server
+    # vanished without a reset (power, network): every call on it times out until keepalive gives
+    # up on it, 15 s later.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 MODES = ("unary", "stream")
+
+
+def channel_options(address: str) -> tuple:
+    """CHANNEL_OPTIONS for `address`. A target listing several servers, gRPC's
+    `ipv4:10.0.0.2:50051,10.0.0.3:50051` (pick_first: the first that connects; the next
+    on a reconnect when it is gone), gets its first server as `:authority`: by default gRPC sends
+    the whole list, which Serve's HAProxy ingress refuses (RST_STREAM, PROTOCOL_ERROR)."""
+    scheme, _, servers = address.partition(":")
+    if scheme in ("ipv4", "ipv6") and "," in servers:
+        return (*CHANNEL_OPTIONS, ("grpc.default_authority", servers.split(",")[0]))
+    return CHANNEL_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -149,10 +165,11 @@ class PolicyClient:
     def _connect(self) -> pb_grpc.RobotPolicyServiceStub:
         with self._lock:
             if self._stub is None:
+                options = channel_options(self.address)
                 if self._credentials is not None:
-                    self._channel = grpc.secure_channel(self.address, self._credentials, options=CHANNEL_OPTIONS)
+                    self._channel = grpc.secure_channel(self.address, self._credentials, options=options)
                 else:
-                    self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+                    self._channel = grpc.insecure_channel(self.address, options=options)
                 self._stub = pb_grpc.RobotPolicyServiceStub(self._channel)
             return self._stub
 

@@ -2,16 +2,15 @@
 
     python -m serve_app --config_path=<checkpoint dir or train_config.json> \
         [--server.port=50051] [--server.max_workers=4] [--policy.pretrained_path=DIR] \
-        [--serve_config=serve_config.yaml] [--standard_proxy]
+        [--server.max_receive_message_length_mb=100] [--serve_config=serve_config.yaml] [--standard_proxy]
 
-It reads the checkpoint's `server` section (port, max_workers), lets the
-command line override it, takes every other knob from serve_config.yaml,
-and starts the same Serve application as `serve run serve_config.yaml`.
-
-A local cluster it starts uses Serve's throughput-optimised ingress (HAProxy in
-front of the replicas' own gRPC servers), like the README's `serve run`
-command: benchmarks/ measured it at 2-3x the chunks per second of the standard
-proxy. `--standard_proxy` starts Serve's standard gRPC proxy instead.
+It reads the checkpoint's `server` section (port, max_workers,
+max_receive_message_length_mb), lets the command line override it, takes
+every other knob from serve_config.yaml, and starts the same Serve
+application, behind the same ingress, as `serve run serve_config.yaml`
+(HAProxy in front of the replicas' own gRPC servers, from the file's
+controller_options). `--standard_proxy` starts Serve's standard gRPC proxy
+instead.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from serve_app.app import REPO_ROOT, resolve_checkpoint
 from serve_app.checkpoint import open_checkpoint
-from serve_app.ingress import choose_ingress
+from serve_app.ingress import MB, load_config, max_message_bytes, start_options, with_ingress, with_max_message_mb
 
 logger = logging.getLogger("serve_app")
 
@@ -37,21 +34,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config_path", required=True, help="checkpoint directory or its train_config.json")
     parser.add_argument("--server.port", dest="port", type=int, default=None)
     parser.add_argument("--server.max_workers", dest="max_workers", type=int, default=None)
+    parser.add_argument("--server.max_receive_message_length_mb", dest="max_receive_mb", type=float, default=None,
+                        help="largest request a robot may send (OpenTau's default: 100); larger ones get RESOURCE_EXHAUSTED")
+    parser.add_argument("--server.max_send_message_length_mb", dest="max_send_mb", type=float, default=None,
+                        help="accepted for OpenTau compatibility; Serve has one limit for both directions")
     parser.add_argument("--policy.pretrained_path", dest="pretrained_path", default=None)
     parser.add_argument("--serve_config", type=Path, default=REPO_ROOT / "serve_config.yaml")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--no_dashboard", action="store_true", help="start the local cluster without Ray's dashboard")
     parser.add_argument(
         "--standard_proxy", action="store_true",
-        help="start the local cluster with Serve's standard gRPC proxy instead of its throughput-optimised "
-             "HAProxy ingress (a cluster joined with --address keeps the ingress it was started with)",
+        help="Serve's standard gRPC proxy instead of its throughput-optimised HAProxy ingress (takes effect "
+             "where Serve starts; a cluster already running Serve keeps the ingress it has)",
     )
     return parser.parse_args(argv)
 
 
 def launch_plan(args: argparse.Namespace) -> dict[str, Any]:
     """serve_config.yaml with the checkpoint, port and concurrency of this command line."""
-    config = yaml.safe_load(args.serve_config.read_text())
+    config = with_ingress(load_config(args.serve_config), standard_proxy=args.standard_proxy)
     checkpoint_path = resolve_checkpoint(args.config_path)
     checkpoint = open_checkpoint(checkpoint_path, args.pretrained_path)
     server = checkpoint.server_config
@@ -68,6 +69,14 @@ def launch_plan(args: argparse.Namespace) -> dict[str, Any]:
         # batching, so it only ever raises max_ongoing_requests.
         batch = deployment.get("user_config", {}).get("max_batch_size", 1)
         deployment["max_ongoing_requests"] = max(max_workers, batch, deployment.get("max_ongoing_requests", 0))
+    receive_mb = args.max_receive_mb or server.get("max_receive_message_length_mb")
+    if receive_mb:
+        config = with_max_message_mb(config, receive_mb)
+    send_mb = args.max_send_mb or server.get("max_send_message_length_mb")
+    limit = max_message_bytes(config)
+    if send_mb and limit and send_mb * MB != limit:
+        logger.warning("max_send_message_length_mb=%s: Serve has one message limit for both directions; "
+                       "using %.0f MB (the receive limit) for both", send_mb, limit / MB)
     return config
 
 
@@ -75,19 +84,13 @@ def run(config: dict[str, Any], address: str | None, dashboard: bool = True) -> 
     """What `serve run` does with a config file: start Serve with its proxy options, apply the config."""
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     ray.init(address=address, include_dashboard=dashboard if address in (None, "local") else None)
-    grpc = config["grpc_options"]
-    serve.start(
-        proxy_location=config.get("proxy_location", "EveryNode"),
-        http_options=config.get("http_options"),
-        grpc_options=gRPCOptions(port=grpc["port"], grpc_servicer_functions=grpc["grpc_servicer_functions"]),
-    )
+    serve.start(**start_options(config))
     _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config), _blocking=True)
-    logger.info("serving on port %s; Ctrl-C to stop", grpc["port"])
+    logger.info("serving on port %s; Ctrl-C to stop", config["grpc_options"]["port"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -102,10 +105,6 @@ def run(config: dict[str, Any], address: str | None, dashboard: bool = True) -> 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if args.address not in (None, "local"):
-        logger.info("joining %s: the ingress is whatever that cluster was started with", args.address)
-    else:
-        choose_ingress(standard_proxy=args.standard_proxy)
     run(launch_plan(args), args.address, dashboard=not args.no_dashboard)
 
 

@@ -1,4 +1,4 @@
-"""Ports for a Ray Serve cluster that shares its machine with other clusters.
+"""Ports (and the loopback address) for a Ray Serve cluster that shares its machine with other clusters.
 
 Tests, benchmarks (three servers side by side) and a notebook's own cluster run
 beside each other on one machine. In the throughput-optimised (HAProxy) mode
@@ -21,6 +21,11 @@ these. Blocks are claimed with a lock file held by the process that starts the
 cluster, so two processes (pytest and the benchmark it runs) never share one;
 the claim ends when that process does. Set the variables before the cluster
 starts (it inherits them). In production, run one Serve cluster per machine.
+
+The same environment keeps such a cluster on loopback: unless told otherwise
+Ray's processes bind and advertise the machine's network address (tests,
+benchmarks and notebooks keep every byte, Ray's own traffic included, on
+127.0.0.1).
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ SINGLE_PORTS = (  # the first ports of a block
 # Replica ports: 150 each, enough for every replica a test cluster starts within
 # Serve's 150 s quarantine of a freed port.
 GRPC_REPLICA_PORTS, HTTP_REPLICA_PORTS = (100, 250), (250, 400)
+# Ray's node address is then 127.0.0.1 (ray/_private/services.py get_node_ip_address) in a
+# process that imports Ray after it is set: `serve run`, the launcher, a benchmark server. A
+# process that already imported Ray passes ray.init(_node_ip_address=LOOPBACK_NODE) as well.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK_NODE = "127.0.0.1"
 FREE_PORTS = (30000 + 1000, 32768)  # single listeners (a cluster's gRPC/HTTP port); above Serve's HTTP replica range
 
 _LOCK_DIR = Path(tempfile.gettempdir()) / "robot-policy-port-blocks"
@@ -60,7 +70,7 @@ def private_ports_env() -> dict[str, str]:
         env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT"] = str(base + low)
         env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"] = str(base + high)
     env["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"  # the fallback proxy: a clash left fails at bind
-    return env
+    return {**env, **LOOPBACK_ENV}
 
 
 def free_port() -> int:

@@ -1,26 +1,82 @@
-"""Which gRPC ingress a Ray cluster started from this process gets.
+"""How Serve starts for this app: serve_config.yaml's proxy, HTTP, gRPC and controller options.
 
-Serve reads these variables in its own processes when they import it, so they
-must be in the environment the cluster starts with: `serve run`, `ray start`,
-or a `ray.init()` that starts a local cluster. serve_config.yaml cannot carry
-them. Import-light on purpose: set them before anything starts Ray.
+Which gRPC ingress a cluster gets (HAProxy or Serve's standard proxy) and how
+big a gRPC message may be are variables Serve reads at import in each of its
+processes. serve_config.yaml gives them to Serve's controller
+(`controller_options.runtime_env.env_vars`), and every process the controller
+starts (HAProxy, proxies, replicas) inherits them, so plain
+`serve run serve_config.yaml` gets them with no variable set by hand.
+
+Everything that starts Serve from Python (the launcher, the test session,
+notebooks, benchmarks) calls `serve.start(**start_options(config))` with the
+same file, so there is one owner for each of these knobs: serve_config.yaml.
 """
 
 from __future__ import annotations
 
-import os
-from typing import MutableMapping
+import copy
+from pathlib import Path
+from typing import Any
 
-# Serve's throughput-optimised ingress: HAProxy in front of each replica's own
-# gRPC server (no Serve proxy actor in the request path). benchmarks/ measured
-# it at 2-3x the chunks per second of Serve's standard gRPC proxy.
-THROUGHPUT_MODE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+import yaml
+
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+INGRESS_ENV = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")
+MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # bytes, both directions, on every Serve gRPC server
+MB = 1024 * 1024
 
 
-def choose_ingress(standard_proxy: bool = False, environ: MutableMapping[str, str] = os.environ) -> None:
-    """Set (default) or clear the throughput-optimised ingress for a cluster started after this call."""
-    if standard_proxy:
-        for name in THROUGHPUT_MODE_ENV:
-            environ.pop(name, None)
-    else:
-        environ.update(THROUGHPUT_MODE_ENV)
+def load_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def controller_env(config: dict[str, Any]) -> dict[str, str]:
+    """The controller's env_vars, created in `config` if absent (mutable view)."""
+    options = config.setdefault("controller_options", {}) or {}
+    config["controller_options"] = options
+    runtime_env = options.setdefault("runtime_env", {})
+    return runtime_env.setdefault("env_vars", {})
+
+
+def is_haproxy(config: dict[str, Any]) -> bool:
+    env = config.get("controller_options", {}).get("runtime_env", {}).get("env_vars", {})
+    return all(env.get(name) == "1" for name in INGRESS_ENV)
+
+
+def with_ingress(config: dict[str, Any], standard_proxy: bool) -> dict[str, Any]:
+    """A copy of `config` with Serve's standard gRPC proxy (True) or the HAProxy ingress (False)."""
+    config = copy.deepcopy(config)
+    controller_env(config).update({name: "0" if standard_proxy else "1" for name in INGRESS_ENV})
+    return config
+
+
+def with_max_message_mb(config: dict[str, Any], megabytes: float) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    controller_env(config)[MAX_MESSAGE_ENV] = str(int(megabytes * MB))
+    return config
+
+
+def max_message_bytes(config: dict[str, Any]) -> int | None:
+    value = config.get("controller_options", {}).get("runtime_env", {}).get("env_vars", {}).get(MAX_MESSAGE_ENV)
+    return int(value) if value is not None else None
+
+
+def start_options(config: dict[str, Any], grpc_port: int | None = None, http_port: int | None = None,
+                  http_host: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `serve.start`, as `serve run` derives them from the file (ports overridable)."""
+    from ray.serve.config import gRPCOptions
+
+    grpc = dict(config["grpc_options"])
+    if grpc_port is not None:
+        grpc["port"] = grpc_port
+    http = dict(config.get("http_options") or {})
+    if http_port is not None:
+        http["port"] = http_port
+    if http_host is not None:
+        http["host"] = http_host
+    return {
+        "proxy_location": config.get("proxy_location", "EveryNode"),
+        "http_options": http,
+        "grpc_options": gRPCOptions(**grpc),
+        "controller_options": config.get("controller_options"),
+    }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,13 +35,14 @@ from serve_app.device import assigned_device, memory_gb
 from serve_app.errors import RequestError
 from serve_app.images import ImageLimits
 from serve_app.inference import CoalescingInference, Queued
+from serve_app.load import LoadMeter
 from serve_app.metrics import ReplicaMetrics
 from serve_app.observation import Observation, ObservationBatch, decode_cost, parse_observation
 from serve_app.policies import load_policy
 from serve_app.responses import ChunkResult, ReplicaIdentity, chunk_response, error_response
+from serve_app.wire_service import SERVICE_NAME, refuse_unreadable
 
 logger = logging.getLogger("ray.serve")
-SERVICE_NAME = "robot_inference.RobotPolicyService"
 
 
 @dataclass(frozen=True)
@@ -96,17 +98,17 @@ class RobotPolicyReplica:
         # One inference thread: forward passes never overlap on the device.
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._metrics = ReplicaMetrics()
+        self._load = LoadMeter()
         self._inference = CoalescingInference(
-            self._forward, self._infer_pool, BatchSettings.max_batch_size, on_pass=self._metrics.forward_pass
+            self._forward, self._infer_pool, BatchSettings.max_batch_size, on_pass=self._on_pass
         )
         self._warmed_up = False
+        announce(f"checkpoint loaded: {self._policy_type} {self._who.checkpoint_id} ({ckpt.weights_path}) on "
+                 f"{self._device}, gpu ids {self._gpu_ids}, {torch.get_num_threads()} torch threads")
+        started = time.perf_counter()
         self._probe()
         self._warmed_up = True
-        logger.info(
-            "serving %s checkpoint %s (%s) on %s, gpu ids %s, %d torch threads",
-            self._policy_type, self._who.checkpoint_id, ckpt.weights_path, self._device, self._gpu_ids,
-            torch.get_num_threads(),
-        )
+        announce(f"warm-up forward pass done in {(time.perf_counter() - started) * 1e3:.0f} ms; {ready_line()}")
 
     # --- operator knobs -------------------------------------------------
 
@@ -125,7 +127,7 @@ class RobotPolicyReplica:
             return await self._answer(request)
         except RequestError as err:
             _set_status(grpc_context, err)
-            return pb.ActionChunkResponse(request_id=request.request_id)
+            return pb.ActionChunkResponse(request_id=getattr(request, "request_id", ""))
 
     async def StreamActionChunks(self, request_stream, grpc_context=None):
         try:
@@ -140,11 +142,12 @@ class RobotPolicyReplica:
                 yield await self._answer(request)
             except RequestError as err:
                 # Answer this message in-band and keep the stream (and the robot) going.
-                yield error_response(request.request_id, err, self._who)
+                yield error_response(getattr(request, "request_id", ""), err, self._who)
 
     async def HealthCheck(self, request: pb.HealthCheckRequest, grpc_context=None) -> pb.HealthCheckResponse:
         try:
             self._auth.check(grpc_context)
+            refuse_unreadable(request)
         except RequestError as err:
             _set_status(grpc_context, err)
             return pb.HealthCheckResponse()
@@ -182,6 +185,21 @@ class RobotPolicyReplica:
         status = health_pb2.HealthCheckResponse.SERVING if self._warmed_up else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
+    # --- Serve's autoscaler: the work robots send, not the streams they hold (serve_app.autoscaling) ---
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        return self._load.sample()
+
+    # --- HTTP: Serve's HTTP port is open beside the gRPC one; say where robots go instead of a 500 ---
+
+    async def __call__(self, request):
+        from starlette.responses import PlainTextResponse
+
+        return PlainTextResponse(
+            "This app serves robot_inference.RobotPolicyService over gRPC (the gRPC port in serve_config.yaml, "
+            "50051 by default), not HTTP.\n", status_code=404,
+        )
+
     # --- Ray's health probe: a real forward pass on the replica's device ---
 
     async def check_health(self) -> None:
@@ -193,6 +211,7 @@ class RobotPolicyReplica:
         """One observation -> its chunk; every failure comes out as a RequestError."""
         loop = asyncio.get_running_loop()
         try:
+            refuse_unreadable(request)
             if len(request.images) <= self._spec.num_cameras and decode_cost(request) <= self._inline_decode_max_pixels:
                 observation = parse_observation(request, self._spec, self._limits)
             else:
@@ -219,6 +238,10 @@ class RobotPolicyReplica:
     async def _run_batch(self, queued: list[Queued]) -> list[ChunkResult]:
         return await self._inference.submit(queued)
 
+    def _on_pass(self, batch_size: int, inference_ms: float, longest_queue_ms: float) -> None:
+        self._metrics.forward_pass(batch_size, inference_ms, longest_queue_ms)
+        self._load.forward_pass(batch_size, inference_ms / 1e3)
+
     def _forward(self, observations: list[Observation]) -> np.ndarray:
         return self._policy.predict(ObservationBatch.stack(observations))
 
@@ -236,6 +259,30 @@ class RobotPolicyReplica:
         actions = self._policy.predict(ObservationBatch.stack([blank]))
         if actions.shape != (1, spec.chunk_length, spec.action_dim) or not np.isfinite(actions).all():
             raise RuntimeError(f"health probe: policy returned {actions.shape} with non-finite values")
+
+
+def announce(message: str) -> None:
+    """A start-up line for the person watching `serve run`. Behind HAProxy, Serve sends a replica's
+    log, print() and sys.stderr only to its (buffered) log file, so write to the process's real
+    stderr as well, which Ray forwards to the driver's console."""
+    logger.info(message, extra={"log_to_stderr": False})
+    os.write(2, f"RobotPolicy replica {_replica_id()}: {message}\n".encode())
+
+
+def ready_line() -> str:
+    """Where robots connect and how to see the dashboard, for the start-up log a person reads."""
+    haproxy = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    ingress = "HAProxy ingress (throughput-optimised)" if haproxy else "Serve's standard gRPC proxy"
+    try:
+        controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        grpc_port = ray.get(controller.get_grpc_config.remote(), timeout=10).port
+        # Behind HAProxy the gRPC port binds http_options.host; the standard proxy binds every interface.
+        host = ray.get(controller.get_http_config.remote(), timeout=10).host if haproxy else "0.0.0.0"
+        where = f"robots connect to {host}:{grpc_port}"
+    except Exception:  # noqa: BLE001 - constructed outside Serve (unit tests, benchmarks)
+        where = "outside Serve"
+    return (f"ready: {where} through {ingress}; Ray dashboard on the head node's port 8265 "
+            "(it asks for a token: `ray get-auth-token` prints it)")
 
 
 def _set_status(grpc_context, err: RequestError) -> None:

@@ -7,30 +7,23 @@ running, and returns the loopback address robots connect to.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import free_port, private_ports_env
-from serve_app.ingress import choose_ingress
-
-# Tests run the ingress the README starts: Serve's throughput-optimised one
-# (HAProxy). The session cluster and every launcher subprocess inherit it;
-# tests/test_standard_proxy.py covers the standard proxy.
-choose_ingress()
+from serve_app.cluster_ports import LOOPBACK_NODE, free_port, private_ports_env
+from serve_app.ingress import load_config, start_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
-SERVICERS = [
-    "policy_wire.robot_inference_pb2_grpc.add_RobotPolicyServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
 APP_NAME = "robot_policy"
 DEFAULT_USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
 
@@ -118,6 +111,44 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
+def _address(text: str):
+    address = ipaddress.ip_address(text)
+    return getattr(address, "ipv4_mapped", None) or address  # ::ffff:127.0.0.1 is 127.0.0.1
+
+
+def sockets_off_loopback(procs) -> list[str]:
+    """Sockets of `procs` bound to, or connected to, an address that is not loopback.
+
+    Listeners on the wildcard address are not counted: the gRPC port is meant for the network,
+    and Ray's internal servers bind it too, which sends nothing anywhere."""
+    bad = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            local = _address(c.laddr.ip)
+            if not (local.is_loopback or local.is_unspecified):
+                bad.append(f"{p.name()} bound to {c.laddr.ip}:{c.laddr.port}")
+            if c.raddr and not _address(c.raddr.ip).is_loopback:
+                bad.append(f"{p.name()} connected to {c.raddr.ip}:{c.raddr.port}")
+    return bad
+
+
+def node_addresses(procs) -> set[str]:
+    """The address Ray advertises for its nodes (what other processes connect to), from the OS's view
+    of the raylet and GCS command lines."""
+    out = set()
+    for p in procs:
+        try:
+            if p.name() in ("raylet", "gcs_server"):
+                out |= {a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--node_ip_address=")}
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 class DeployFailed(RuntimeError):
     pass
 
@@ -185,7 +216,6 @@ class ServeHarness:
 def serve_harness():
     ray = pytest.importorskip("ray")
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
     # Private ports for the session cluster only (the cluster keeps the environment it
     # starts with); launcher tests and benchmarks start their own clusters beside it.
@@ -194,15 +224,15 @@ def serve_harness():
     private_ports = private_ports_env()
     os.environ.update(private_ports)
     try:
-        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address=LOOPBACK_NODE)
     finally:
         for name in private_ports:
             os.environ.pop(name, None)
     grpc_port = free_port()
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": free_port()},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICERS),
-    )
+    # serve_config.yaml's proxy and controller options (so the ingress the README starts: HAProxy;
+    # tests/test_standard_proxy.py covers the standard proxy), on loopback and private ports.
+    serve.start(**start_options(load_config(), grpc_port=grpc_port, http_port=free_port(), http_host="127.0.0.1"))
     try:
         yield ServeHarness(grpc_port)
     finally:

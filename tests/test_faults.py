@@ -87,8 +87,8 @@ class Robot:
     thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, address: str, seed: int) -> Robot:
-        client = TimedClient(address, mode="stream", timeout_s=5.0)
+    def start(cls, address: str, seed: int, **client_options) -> Robot:
+        client = TimedClient(address, mode="stream", timeout_s=5.0, **client_options)
         robot = ReplayRobot(synthetic_recording(frames=10, height=96, width=96, state_dim=14, seed=seed))
         config = LoopConfig(prompt="pick up the cube", control_frequency=HZ, watchdog_timeout_s=WATCHDOG_S,
                             stats_interval_s=3600)
@@ -277,7 +277,7 @@ def test_redeploy_with_a_new_checkpoint_while_robots_run(serve_harness, tmp_path
         wait_until(lambda: all(len(a) >= 5 for _, a, _ in robots), 30, "every robot to get answers")
         deploy_at = time.monotonic()
         serve_harness.deploy({"checkpoint": str(new_ckpt)}, **FAST_DRAIN)
-        health = wait_for_health(address, until=lambda h: h.checkpoint_id == new_id, timeout_s=60)
+        health = wait_for_health(address, until=lambda h: h.checkpoint_id == new_id, timeout_s=120)
         switched_at = time.monotonic()
         wait_until(lambda: all(any(x.checkpoint_id == new_id and x.at > switched_at for x in a) for _, a, _ in robots),
                    30, "every robot to get answers from the new checkpoint")
@@ -304,6 +304,10 @@ def test_redeploy_with_a_new_checkpoint_while_robots_run(serve_harness, tmp_path
         first_new = ids.index(new_id)
         assert set(ids[first_new:]) == {new_id}, f"{kind.__name__}: went back to the old checkpoint"
         # Failures during the switch (a stream cut when its old replica drained) are statuses, not hangs.
+        # A unary call caught on a draining replica may run to its deadline (CI saw one on 2 shared
+        # cores: HAProxy had routed it to the old replica as it stopped); what is promised is that no
+        # call outlives its deadline and no chunk is stale (checked above), not that each fails fast.
         assert all(code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
-                            grpc.StatusCode.UNKNOWN, grpc.StatusCode.NOT_FOUND) for _, code, _ in failures), failures
+                            grpc.StatusCode.UNKNOWN, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
+                   for _, code, _ in failures), failures
         assert all(took < 5.5 for _, _, took in failures), "a unary call outlived its 5 s deadline"

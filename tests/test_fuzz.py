@@ -374,18 +374,23 @@ def test_fuzzed_messages_in_a_stream_are_answered_in_band_and_the_stream_survive
 
 
 @pytest.mark.serve
-def test_bytes_that_are_not_a_protobuf_never_reach_the_app(keyed_app, keyed_stub):
-    """Serve's proxy parses the wire with protobuf; garbage is refused there and the server stays up."""
+def test_bytes_that_are_not_a_protobuf_get_invalid_argument(keyed_app, keyed_stub):
+    """A body that does not parse is refused with INVALID_ARGUMENT and a plain message
+    (serve_app/wire_service.py; Serve alone answers UNKNOWN), and the server stays up."""
     rng = np.random.default_rng(7)
     with grpc.insecure_channel(keyed_app) as channel:
         raw = channel.unary_unary("/robot_inference.RobotPolicyService/GetActionChunk")  # bytes in, bytes out
         for size in (1, 7, 64, 4096):
             with pytest.raises(grpc.RpcError) as info:
                 raw(b"\xff" + rng.bytes(size), metadata=WITH_KEY, timeout=10)
-            # grpc.aio's own deserialisation failure in Serve's proxy, before any of our code:
-            # UNKNOWN "Unexpected <class 'DecodeError'>: Error parsing message ...", no traceback.
-            assert info.value.code() == grpc.StatusCode.UNKNOWN, info.value
-            assert "Error parsing message" in info.value.details() and "Traceback" not in info.value.details()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            details = info.value.details()
+            assert details.startswith(f"request is not a valid robot_inference.ObservationRequest ({size + 1} bytes)")
+            assert "Traceback" not in details
+            # The API key still comes first.
+            with pytest.raises(grpc.RpcError) as info:
+                raw(b"\xff" + rng.bytes(size), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert keyed_stub.HealthCheck(pb.HealthCheckRequest(), metadata=WITH_KEY, timeout=10).healthy
 
 

@@ -7,13 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from serve_app.__main__ import launch_plan, parse_args
 from serve_app.cluster_ports import SINGLE_PORTS, private_ports_env
-from tests.conftest import (DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, listening_ports, process_tree_cmdlines,
-                            stop_process_group, wait_for_health)
+from tests.conftest import (DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, listening_ports, node_addresses,
+                            process_tree_cmdlines, sockets_off_loopback, stop_process_group, wait_for_health)
 
 
 def test_plan_takes_port_from_the_command_line_then_the_checkpoint():
@@ -51,7 +52,9 @@ def test_launcher_serves_the_checkpoint(tmp_path: Path):
         health = wait_for_health(f"127.0.0.1:{port}", timeout_s=180)
         assert health.policy_type == "visuomotor_chunk" and health.chunk_length == 16
         # As serve_config.yaml says, behind the throughput-optimised ingress (an HAProxy process).
-        replicas = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())["applications"][0]["deployments"][0]["num_replicas"]
+        # serve_config.yaml autoscales from min_replicas; with no load it stays there.
+        replicas = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())["applications"][0]["deployments"][0][
+            "autoscaling_config"]["min_replicas"]
         deadline = time.monotonic() + 120
         while True:
             names = process_tree_cmdlines(proc.pid)
@@ -73,6 +76,10 @@ def test_launcher_serves_the_checkpoint(tmp_path: Path):
         # Each replica's gRPC server in the block (Ray's own workers listen on random ports, so
         # Serve's default replica range cannot simply be checked empty).
         assert len([p for p in ports if low <= p < high]) == replicas, (sorted(ports), private_ports)
+        # And on loopback: Ray's node address and every socket of the cluster.
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert node_addresses(tree) == {"127.0.0.1"}
+        assert not sockets_off_loopback(tree)
     finally:
         stop_process_group(proc)
 

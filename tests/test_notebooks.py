@@ -56,3 +56,17 @@ def test_operations_notebook(app_env, serve_harness):
     finally:
         serve_harness.forget()  # the notebook redeployed the app (and put its config back)
     assert "no replica restart" in text and "batch and latency metrics exported" in text
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "operations.ipynb"])
+def test_notebooks_are_committed_with_their_outputs(name):
+    """A reader browsing the repository sees what a run shows (scripts/run_notebooks.py refreshes them)."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    unrun = [i for i, cell in enumerate(code) if cell.get("execution_count") is None]
+    assert code and not unrun, f"{name}: code cells {unrun} were never run; run scripts/run_notebooks.py"
+    kinds = {key for cell in code for o in cell.outputs for key in o.get("data", {})} | {
+        o.output_type for cell in code for o in cell.outputs}
+    assert "stream" in kinds and "image/png" in kinds, f"{name}: no printed output or plot saved ({kinds})"
+    errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    assert not errors, f"{name}: committed with an error output: {errors[0].get('ename')}"

@@ -1,4 +1,4 @@
-"""Serve's standard gRPC proxy (`--standard_proxy`): streams, auth and errors behave as behind HAProxy.
+"""Serve's standard gRPC proxy (`--standard_proxy`): streams, auth, errors and limits behave as behind HAProxy.
 
 Every other serving test runs behind the default, throughput-optimised ingress."""
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grpc
+import psutil
 import pytest
 
 from policy_wire import robot_inference_pb2 as pb
@@ -32,7 +33,8 @@ def test_standard_proxy_keeps_streams_auth_and_errors(tmp_path):
     log = (tmp_path / "launcher.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve_app", f"--config_path={DEMO_CHECKPOINT}", f"--server.port={port}",
-         f"--serve_config={config}", "--address=local", "--no_dashboard", "--standard_proxy"],
+         f"--serve_config={config}", "--address=local", "--no_dashboard", "--standard_proxy",
+         "--server.max_receive_message_length_mb=1"],  # OpenTau's launcher flag
         cwd=REPO_ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     auth = (("x-api-key", KEY),)
@@ -41,6 +43,9 @@ def test_standard_proxy_keeps_streams_auth_and_errors(tmp_path):
         wait_for_health(address, metadata=auth, timeout_s=240)
         tree = process_tree_cmdlines(proc.pid)
         assert not any("haproxy" in n for n in tree) and any("ProxyActor" in n for n in tree), tree
+        # Reachable from the network: the proxy's gRPC port listens on every interface (read from the OS).
+        hosts = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_LISTEN}
+        assert hosts and hosts <= {"0.0.0.0", "::"}, hosts
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RobotPolicyServiceStub(channel)
             with pytest.raises(grpc.RpcError) as info:
@@ -61,5 +66,20 @@ def test_standard_proxy_keeps_streams_auth_and_errors(tmp_path):
             assert [a.request_id for a in answers] == ["a", "bad", "c"]
             assert answers[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             assert len(answers[0].action_chunk) == len(answers[2].action_chunk) == 16
+
+            # Over the 1 MB limit: refused by the proxy's gRPC server before it is read, and it keeps serving.
+            big = observation(request_id="big")
+            big.images[0].image_data = b"\xff" * (2 * 1024 * 1024)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetActionChunk(big, metadata=auth, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+            # A body that does not parse: INVALID_ARGUMENT with a plain message (not UNKNOWN).
+            raw = channel.unary_unary("/robot_inference.RobotPolicyService/GetActionChunk",
+                                      request_serializer=lambda b: b, response_deserializer=pb.ActionChunkResponse.FromString)
+            with pytest.raises(grpc.RpcError) as info:
+                raw(b"\x0a\xff\xff\xff\xff\x0f", metadata=auth, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert "not a valid robot_inference.ObservationRequest" in info.value.details()
+            assert stub.GetActionChunk(observation(request_id="after"), metadata=auth, timeout=30).request_id == "after"
     finally:
         stop_process_group(proc)
