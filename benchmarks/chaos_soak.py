@@ -40,7 +40,7 @@ from robot_client.control_loop import ControlLoop, LoopConfig
 from robot_client.errors import PolicyError
 from robot_client.policy_client import PolicyClient
 from robot_client.replay_robot import ReplayRobot, synthetic_recording
-from serve_app.cluster_ports import LOOPBACK_NODE, free_port, private_ports_env
+from serve_app.cluster_ports import free_port, keep_ray_on_loopback, private_ports_env
 from serve_app.ingress import load_config, start_options, with_ingress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,8 @@ logger = logging.getLogger("chaos_soak")
 def start_app(replicas: int, ingress: str, autoscaling: dict | None = None, cpus: int | None = None) -> str:
     """Ray + Serve on loopback with serve_config.yaml's application, `replicas` replicas (or, with
     `autoscaling`, serve_config.yaml's autoscaling_config updated by it); returns the address."""
-    os.environ.update(private_ports_env())  # loopback, and ports of its own beside whatever else runs here
+    keep_ray_on_loopback()
+    os.environ.update(private_ports_env())  # ports of its own beside whatever else runs here
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -71,8 +72,7 @@ def start_app(replicas: int, ingress: str, autoscaling: dict | None = None, cpus
         deployment.pop("autoscaling_config", None)
     else:
         deployment["autoscaling_config"].update(autoscaling)
-    ray.init(num_cpus=cpus or max(4, replicas + 2), include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address=LOOPBACK_NODE)
+    ray.init(num_cpus=cpus or max(4, replicas + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(**start_options(config, grpc_port=port, http_port=free_port(), http_host="127.0.0.1"))
     client = _get_global_client()

@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import LOOPBACK_NODE, free_port, private_ports_env
+from serve_app.cluster_ports import free_port, keep_ray_on_loopback, private_ports_env
 
 ADDRESS_ENV = "ROBOT_POLICY_ADDRESS"  # where the app is (tests set it to their loopback app)
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # `serve run serve_config.yaml`
@@ -75,12 +75,13 @@ def start_here(timeout_s: float = 180.0) -> AppSession:
     from serve_app.ingress import load_config, start_options
 
     # A kernel's cluster may sit beside `serve run`'s on this machine: keep it on loopback, off Serve's shared ports.
+    keep_ray_on_loopback()
     os.environ.update(private_ports_env())
     import ray
     from ray import serve
 
     config = load_config()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK_NODE,
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     port = free_port()
     # serve_config.yaml's ingress (HAProxy, from its controller_options), on loopback.

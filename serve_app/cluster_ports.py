@@ -31,8 +31,10 @@ benchmarks and notebooks keep every byte, Ray's own traffic included, on
 from __future__ import annotations
 
 import fcntl
+import os
 import random
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,11 +52,11 @@ SINGLE_PORTS = (  # the first ports of a block
 # Replica ports: 150 each, enough for every replica a test cluster starts within
 # Serve's 150 s quarantine of a freed port.
 GRPC_REPLICA_PORTS, HTTP_REPLICA_PORTS = (100, 250), (250, 400)
-# Ray's node address is then 127.0.0.1 (ray/_private/services.py get_node_ip_address) in a
-# process that imports Ray after it is set: `serve run`, the launcher, a benchmark server. A
-# process that already imported Ray passes ray.init(_node_ip_address=LOOPBACK_NODE) as well.
+# Ray's node address is then 127.0.0.1 (ray/_private/services.py get_node_ip_address), in every
+# process that imports Ray after it is set: `serve run`, the launcher, a benchmark, a kernel.
+# Ray reads it once, at import; and ray.init(_node_ip_address="127.0.0.1") does not help: Ray
+# swaps a loopback address for the machine's own (services.resolve_ip_for_localhost).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-LOOPBACK_NODE = "127.0.0.1"
 FREE_PORTS = (30000 + 1000, 32768)  # single listeners (a cluster's gRPC/HTTP port); above Serve's HTTP replica range
 
 _LOCK_DIR = Path(tempfile.gettempdir()) / "robot-policy-port-blocks"
@@ -71,6 +73,18 @@ def private_ports_env() -> dict[str, str]:
         env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"] = str(base + high)
     env["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"  # the fallback proxy: a clash left fails at bind
     return {**env, **LOOPBACK_ENV}
+
+
+def keep_ray_on_loopback() -> None:
+    """Make a Ray cluster this process starts bind and advertise 127.0.0.1 (and its children too).
+
+    Must run before this process imports Ray: it fails loudly, rather than let the cluster
+    quietly take the machine's network address, if Ray was imported first."""
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError("keep_ray_on_loopback() ran after this process imported Ray: a cluster started "
+                           "here would bind this machine's network address; call it before importing ray")
 
 
 def free_port() -> int:

@@ -7,7 +7,13 @@ running, and returns the loopback address robots connect to.
 
 from __future__ import annotations
 
-import ipaddress
+from serve_app.cluster_ports import keep_ray_on_loopback
+
+# Before anything imports Ray: the session cluster, and every cluster a test starts in a
+# subprocess (they inherit the environment), binds 127.0.0.1 (tests/test_loopback.py).
+keep_ray_on_loopback()
+
+import ipaddress  # noqa: E402
 import json
 import os
 import time
@@ -19,7 +25,7 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import LOOPBACK_NODE, free_port, private_ports_env
+from serve_app.cluster_ports import LOOPBACK_ENV, free_port, private_ports_env
 from serve_app.ingress import load_config, start_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -224,10 +230,9 @@ def serve_harness():
     private_ports = private_ports_env()
     os.environ.update(private_ports)
     try:
-        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _node_ip_address=LOOPBACK_NODE)
+        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
-        for name in private_ports:
+        for name in set(private_ports) - set(LOOPBACK_ENV):  # loopback stays, for every later cluster and client
             os.environ.pop(name, None)
     grpc_port = free_port()
     # serve_config.yaml's proxy and controller options (so the ingress the README starts: HAProxy;
