@@ -38,11 +38,6 @@ def controller_env(config: dict[str, Any]) -> dict[str, str]:
     return runtime_env.setdefault("env_vars", {})
 
 
-def is_haproxy(config: dict[str, Any]) -> bool:
-    env = config.get("controller_options", {}).get("runtime_env", {}).get("env_vars", {})
-    return all(env.get(name) == "1" for name in INGRESS_ENV)
-
-
 def with_ingress(config: dict[str, Any], standard_proxy: bool) -> dict[str, Any]:
     """A copy of `config` with Serve's standard gRPC proxy (True) or the HAProxy ingress (False)."""
     config = copy.deepcopy(config)
