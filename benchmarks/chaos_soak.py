@@ -18,7 +18,8 @@ replica's worker process, round robin. It reports:
 - failed requests, split into those in flight at a kill, those made while the killed
   replica's robots were reconnecting, and any others (must be 0).
 
-Results go to benchmarks/results/chaos_soak.json (or --out).
+Results go to benchmarks/results/chaos_soak.json, or chaos_soak_standard.json with
+`--ingress standard` (or --out).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from robot_client.control_loop import ControlLoop, LoopConfig
 from robot_client.errors import PolicyError
 from robot_client.policy_client import PolicyClient
 from robot_client.replay_robot import ReplayRobot, synthetic_recording
-from serve_app.cluster_ports import free_port, keep_ray_on_loopback, private_ports_env
 from serve_app.ingress import load_config, start_options, with_ingress
+from testbed.cluster_ports import free_port, keep_ray_on_loopback, private_ports_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results"
 APP_NAME = "robot_policy"
 HZ = 30.0
 HUNG_GRACE_S = 1.0
@@ -60,8 +62,8 @@ def start_app(replicas: int, ingress: str, autoscaling: dict | None = None, cpus
     os.environ.update(private_ports_env())  # ports of its own beside whatever else runs here
     import ray
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import application  # imports Ray: only after keep_ray_on_loopback()
 
     config = with_ingress(load_config(), standard_proxy=ingress == "standard")
     app = config["applications"][0]
@@ -75,8 +77,7 @@ def start_app(replicas: int, ingress: str, autoscaling: dict | None = None, cpus
     ray.init(num_cpus=cpus or max(4, replicas + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(**start_options(config, grpc_port=port, http_port=free_port(), http_host="127.0.0.1"))
-    client = _get_global_client()
-    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}), _blocking=True)
+    serve.run(application(app), name=app["name"], route_prefix=app.get("route_prefix", "/"))
     logger.info("serving %s with %d replicas on 127.0.0.1:%d: %s", app["args"]["checkpoint"], replicas, port, deployment)
     return f"127.0.0.1:{port}"
 
@@ -318,8 +319,11 @@ def main() -> None:
     parser.add_argument("--robots", type=int, default=16)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--ingress", choices=("haproxy", "standard"), default="haproxy")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "chaos_soak.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/chaos_soak.json, "
+                             "or chaos_soak_standard.json with --ingress standard")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("chaos_soak_standard.json" if args.ingress == "standard" else "chaos_soak.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("robot_client").setLevel(logging.ERROR)
 

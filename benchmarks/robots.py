@@ -18,6 +18,8 @@ from PIL import Image
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
 
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]  # an in-band drop: the server could not answer in time
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 100 * 1024 * 1024),
     ("grpc.max_receive_message_length", 100 * 1024 * 1024),
@@ -55,13 +57,20 @@ class RobotLog:
     errors: dict[str, int] = field(default_factory=dict)
     missed_deadlines: int = 0
     deadlines: int = 0
+    skipped_ticks: int = 0  # paced: ticks passed while the robot still waited for its chunk
+    dropped: int = 0  # in-band DEADLINE_EXCEEDED: the server dropped the observation as too late
+    queue_times_ms: list[float] = field(default_factory=list)
 
     def ok(self, latency_ms: float, response: pb.ActionChunkResponse) -> None:
+        if response.error_code == DEADLINE_EXCEEDED:
+            self.dropped += 1
+            return
         if response.error_code:
             self.error(f"in-band {response.error_code}")
             return
         self.latencies_ms.append(latency_ms)
         self.batch_sizes.append(response.batch_size)
+        self.queue_times_ms.append(response.queue_time_ms)
         self.replicas.add(response.replica_id)
 
     def error(self, what: str) -> None:
@@ -77,6 +86,8 @@ class Scenario:
     control_hz: float = 30.0
     ticks_per_chunk: int = 10  # paced: a chunk is needed every this many control ticks
     timeout_s: float = 5.0
+    deadline_ms: float = 0.0  # sent as time_to_starvation_ms; 0: none
+    phases: int = 10  # paced: robots start at this many evenly spaced points of the period
 
     @property
     def name(self) -> str:
@@ -89,10 +100,12 @@ class Scenario:
 
 async def _robot(address: str, robot: int, scenario: Scenario, t_end: float, log: RobotLog, metadata) -> None:
     request = robot_payload(robot)
+    request.time_to_starvation_ms = scenario.deadline_ms
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.RobotPolicyServiceStub(channel)
         call = stub.StreamActionChunks(metadata=metadata) if scenario.mode == "stream" else None
-        next_send = time.perf_counter() + (robot % 10) * scenario.period_s / 10 if scenario.loop == "paced" else 0.0
+        phase = (robot % scenario.phases) / scenario.phases
+        next_send = time.perf_counter() + phase * scenario.period_s if scenario.loop == "paced" else 0.0
         try:
             while time.perf_counter() < t_end:
                 if scenario.loop == "paced":
@@ -128,6 +141,7 @@ async def _robot(address: str, robot: int, scenario: Scenario, t_end: float, log
                         next_send += scenario.period_s
                         log.deadlines += 1
                         log.missed_deadlines += 1
+                        log.skipped_ticks += 1
         finally:
             if call is not None:
                 await call.done_writing()
@@ -161,4 +175,6 @@ def summarize(logs: list[RobotLog], wall_s: float) -> dict:
         "replicas_answering": len(set().union(*(log.replicas for log in logs))),
         "deadlines": deadlines,
         "missed_deadlines": sum(log.missed_deadlines for log in logs),
+        "skipped_ticks": sum(log.skipped_ticks for log in logs),
+        "dropped": sum(log.dropped for log in logs),
     }

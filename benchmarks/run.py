@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks import model_throughput
 from benchmarks.robots import Scenario, play, summarize
 from benchmarks.servers import REPO_ROOT, ResourceMeter, direct, ray_serve
-from serve_app.cluster_ports import free_port
+from testbed.cluster_ports import free_port
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}  # as in serve_config.yaml

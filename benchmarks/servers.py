@@ -16,9 +16,11 @@ import yaml
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import private_ports_env
+from serve_app.ingress import load_config
+from testbed.cluster_ports import private_ports_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
 
 
 
@@ -151,12 +153,12 @@ class ResourceMeter:
 
 
 def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_args: dict | None = None,
-                 deployment: dict | None = None) -> Path:
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+                 deployment: dict | None = None, checkpoint: Path = DEMO_CHECKPOINT) -> Path:
+    config = load_config()
     config["grpc_options"]["port"] = port
     config["http_options"].update(host="127.0.0.1", port=http_port)  # loopback only (both ingresses)
     app = config["applications"][0]
-    app["args"]["checkpoint"] = str(REPO_ROOT / "checkpoints" / "demo")
+    app["args"]["checkpoint"] = str(checkpoint)
     app["args"].update(extra_args or {})
     app["deployments"][0]["user_config"] = user_config
     # A fixed replica count, so servers compare like for like (serve_config.yaml autoscales 1..2:
@@ -168,16 +170,17 @@ def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_
 
 
 def ray_serve(name: str, port: int, http_port: int, user_config: dict, work: Path, standard_proxy: bool = False,
-              deployment: dict | None = None) -> ServerUnderTest:
+              deployment: dict | None = None, checkpoint: Path = DEMO_CHECKPOINT,
+              extra_args: dict | None = None) -> ServerUnderTest:
     """Our app from serve_config.yaml, started like the README's `serve run` but without the dashboard
     (the launcher does the same deploy; the dashboard would only add noise and port clashes).
     The ingress is Serve's throughput-optimised one unless `standard_proxy`; `deployment`
-    overrides keys of the deployment's config (e.g. num_replicas)."""
-    config = serve_config(port, http_port, user_config, work / f"{name}.yaml", deployment=deployment)
-    checkpoint = REPO_ROOT / "checkpoints" / "demo"
+    overrides keys of the deployment's config (e.g. num_replicas), `extra_args` adds application
+    args (e.g. torch_threads)."""
+    config = serve_config(port, http_port, user_config, work / f"{name}.yaml", extra_args, deployment, checkpoint)
     argv = [sys.executable, "-m", "serve_app", f"--config_path={checkpoint}", f"--server.port={port}",
             f"--serve_config={config}", "--address=local", "--no_dashboard"]
-    # Its own ports (serve_app.cluster_ports): the servers of one run are up together.
+    # Its own ports (testbed.cluster_ports): the servers of one run are up together.
     return ServerUnderTest(name, argv + (["--standard_proxy"] if standard_proxy else []), port, env=private_ports_env())
 
 

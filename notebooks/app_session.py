@@ -3,12 +3,16 @@
     session = connect_or_start()      # ROBOT_POLICY_ADDRESS, else 127.0.0.1:50051, else start one here
     session.address                   # "HOST:PORT" for robot_client.PolicyClient
     session.ray_address               # the Ray cluster behind it, for Serve's API
+    connect_ray(session)              # join it: serve.status(), and the dashboard's Serve REST API
+    session.deployed_app()            # the application's config as Serve holds it
+    session.deploy(app)               # apply a changed config, as `serve deploy` does
     session.stop()                    # only stops what this kernel started
 
-Starting here deploys serve_config.yaml's application the way `serve run`
-does (through Serve's controller, so a user_config change reaches
+Starting here deploys serve_config.yaml's application the way `serve deploy`
+does (its config, through Serve's REST API, so a user_config change reaches
 `reconfigure` on the running replicas), with the checkpoint made absolute
-and the gRPC port chosen free.
+and the gRPC port chosen free. Importing this module puts the repository
+root on sys.path, for the packages that are not installed (testbed).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import free_port, keep_ray_on_loopback, private_ports_env
+from testbed import serve_rest
+from testbed.cluster_ports import free_port, keep_ray_on_loopback, private_ports_env
 
 ADDRESS_ENV = "ROBOT_POLICY_ADDRESS"  # where the app is (tests set it to their loopback app)
 DEFAULT_ADDRESS = "127.0.0.1:50051"  # `serve run serve_config.yaml`
@@ -39,6 +44,25 @@ class AppSession:
     address: str
     started_here: bool
     ray_address: str | None
+    dashboard: str | None = None  # the cluster's dashboard (Serve's REST API), once connected
+
+    def serve_details(self) -> dict:
+        """What Serve runs: applications, their deployed configs, deployments and replicas."""
+        return serve_rest.serve_details(self._rest_api())
+
+    def deployed_app(self, name: str = APP_NAME) -> dict:
+        """The application's config as Serve holds it (what `serve run`/`serve deploy` sent)."""
+        return dict(self.serve_details()["applications"][name]["deployed_app_config"])
+
+    def deploy(self, app: dict, timeout_s: float = 120.0) -> None:
+        """Apply one application's config, as `serve deploy` does, and wait for RUNNING."""
+        serve_rest.deploy(self._rest_api(), app, timeout_s)
+
+    def _rest_api(self) -> str:
+        if not self.dashboard:
+            raise RuntimeError("no dashboard known for this cluster: connect_ray(session) first (the cluster "
+                               "must run Ray's dashboard: Serve's REST API lives there)")
+        return self.dashboard
 
     def stop(self) -> None:
         if self.started_here:
@@ -81,21 +105,21 @@ def start_here(timeout_s: float = 180.0) -> AppSession:
     from ray import serve
 
     config = load_config()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    context = ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
+                       configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     port = free_port()
     # serve_config.yaml's ingress (HAProxy, from its controller_options), on loopback.
     serve.start(**start_options(config, grpc_port=port, http_port=free_port(), http_host="127.0.0.1"))
     app = config["applications"][0]
     app["args"]["checkpoint"] = str((REPO_ROOT / app["args"]["checkpoint"]).resolve())
-    deploy(app, timeout_s)
-    address = f"127.0.0.1:{port}"
+    session = AppSession(f"127.0.0.1:{port}", True, ray.get_runtime_context().gcs_address, context.dashboard_url)
+    session.deploy(app, timeout_s)
     deadline = time.monotonic() + timeout_s
-    while not answers(address):
+    while not answers(session.address):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"app started but {address} does not answer")
+            raise TimeoutError(f"app started but {session.address} does not answer")
         time.sleep(0.5)
-    return AppSession(address, True, ray.get_runtime_context().gcs_address)
+    return session
 
 
 def connect_ray(session: AppSession) -> None:
@@ -103,33 +127,8 @@ def connect_ray(session: AppSession) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=session.ray_address, log_to_driver=False, configure_logging=False)
-
-
-def deployed_app(name: str = APP_NAME) -> dict:
-    """The application's config as Serve's controller holds it (what `serve run`/`serve deploy` sent)."""
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    return dict(details["applications"][name]["deployed_app_config"])
-
-
-def deploy(app: dict, timeout_s: float = 120.0) -> None:
-    """Apply one application's config through the controller, as `serve deploy` does, and wait for RUNNING."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
-
-    client = _get_global_client()
-    client.deploy_apps(ServeDeploySchema.parse_obj({"applications": [app]}))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = {s.name: s.app_status for s in client.list_serve_statuses()}.get(app["name"])
-        if status is not None and status.status == ApplicationStatus.RUNNING:
-            return
-        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
-            raise RuntimeError(status.message)
-        time.sleep(0.2)
-    raise TimeoutError(f"app {app['name']} not RUNNING after {timeout_s} s")
+        context = ray.init(address=session.ray_address, log_to_driver=False, configure_logging=False)
+        session.dashboard = context.dashboard_url
 
 
 def metrics_text() -> str:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!policy_wire/robot_inference.proto\x12\x0frobot_inference\"R\n\x0b\x43\x61meraImage\x12\x12\n\nimage_data\x18\x01 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\t\x12\r\n\x05width\x18\x64 \x01(\x05\x12\x0e\n\x06height\x18\x65 \x01(\x05\"\x1b\n\nRobotState\x12\r\n\x05state\x18\x01 \x03(\x02\"\xf3\x01\n\x12ObservationRequest\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.robot_inference.CameraImage\x12\x30\n\x0brobot_state\x18\x02 \x01(\x0b\x32\x1b.robot_inference.RobotState\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x34\n\rprefix_action\x18\x04 \x03(\x0b\x32\x1d.robot_inference.ActionVector\x12\r\n\x05\x64\x65lay\x18\x05 \x01(\x05\x12\x14\n\x0ctimestamp_ns\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\x1e\n\x0c\x41\x63tionVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xae\x02\n\x13\x41\x63tionChunkResponse\x12\x33\n\x0c\x61\x63tion_chunk\x18\x01 \x03(\x0b\x32\x1d.robot_inference.ActionVector\x12\x14\n\x0ctimestamp_ns\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x19\n\x11inference_time_ms\x18\x04 \x01(\x02\x12\x12\n\x05\x61\x63\x63\x65l\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nerror_code\x18\x64 \x01(\x05\x12\x15\n\rerror_message\x18\x65 \x01(\t\x12\x15\n\rqueue_time_ms\x18\x66 \x01(\x02\x12\x12\n\nbatch_size\x18g \x01(\x05\x12\x15\n\rcheckpoint_id\x18h \x01(\t\x12\x12\n\nreplica_id\x18i \x01(\tB\x08\n\x06_accel\"\x14\n\x12HealthCheckRequest\"\xb6\x03\n\x13HealthCheckResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12gpu_memory_used_gb\x18\x05 \x01(\x02\x12\x1b\n\x13gpu_memory_total_gb\x18\x06 \x01(\x02\x12\x13\n\x0bnum_cameras\x18\x64 \x01(\x05\x12\x14\n\x0cimage_height\x18\x65 \x01(\x05\x12\x13\n\x0bimage_width\x18\x66 \x01(\x05\x12\x11\n\tstate_dim\x18g \x01(\x05\x12\x12\n\naction_dim\x18h \x01(\x05\x12\x14\n\x0c\x63hunk_length\x18i \x01(\x05\x12\x13\n\x0bpolicy_type\x18j \x01(\t\x12\x15\n\rcheckpoint_id\x18k \x01(\t\x12\x12\n\nreplica_id\x18l \x01(\t\x12\x11\n\twarmed_up\x18m \x01(\x08\x12\x0f\n\x07gpu_ids\x18n \x03(\t\x12\x13\n\x0bmin_cameras\x18o \x01(\x05\x12\x11\n\tmax_delay\x18p \x01(\x05\x12\x18\n\x10max_prompt_bytes\x18q \x01(\x05\x32\xb0\x02\n\x12RobotPolicyService\x12[\n\x0eGetActionChunk\x12#.robot_inference.ObservationRequest\x1a$.robot_inference.ActionChunkResponse\x12\x63\n\x12StreamActionChunks\x12#.robot_inference.ObservationRequest\x1a$.robot_inference.ActionChunkResponse(\x01\x30\x01\x12X\n\x0bHealthCheck\x12#.robot_inference.HealthCheckRequest\x1a$.robot_inference.HealthCheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!policy_wire/robot_inference.proto\x12\x0frobot_inference\"R\n\x0b\x43\x61meraImage\x12\x12\n\nimage_data\x18\x01 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\t\x12\r\n\x05width\x18\x64 \x01(\x05\x12\x0e\n\x06height\x18\x65 \x01(\x05\"\x1b\n\nRobotState\x12\r\n\x05state\x18\x01 \x03(\x02\"\x92\x02\n\x12ObservationRequest\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.robot_inference.CameraImage\x12\x30\n\x0brobot_state\x18\x02 \x01(\x0b\x32\x1b.robot_inference.RobotState\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x34\n\rprefix_action\x18\x04 \x03(\x0b\x32\x1d.robot_inference.ActionVector\x12\r\n\x05\x64\x65lay\x18\x05 \x01(\x05\x12\x14\n\x0ctimestamp_ns\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1d\n\x15time_to_starvation_ms\x18\x64 \x01(\x02\"\x1e\n\x0c\x41\x63tionVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xae\x02\n\x13\x41\x63tionChunkResponse\x12\x33\n\x0c\x61\x63tion_chunk\x18\x01 \x03(\x0b\x32\x1d.robot_inference.ActionVector\x12\x14\n\x0ctimestamp_ns\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x19\n\x11inference_time_ms\x18\x04 \x01(\x02\x12\x12\n\x05\x61\x63\x63\x65l\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nerror_code\x18\x64 \x01(\x05\x12\x15\n\rerror_message\x18\x65 \x01(\t\x12\x15\n\rqueue_time_ms\x18\x66 \x01(\x02\x12\x12\n\nbatch_size\x18g \x01(\x05\x12\x15\n\rcheckpoint_id\x18h \x01(\t\x12\x12\n\nreplica_id\x18i \x01(\tB\x08\n\x06_accel\"\x14\n\x12HealthCheckRequest\"\xb6\x03\n\x13HealthCheckResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12gpu_memory_used_gb\x18\x05 \x01(\x02\x12\x1b\n\x13gpu_memory_total_gb\x18\x06 \x01(\x02\x12\x13\n\x0bnum_cameras\x18\x64 \x01(\x05\x12\x14\n\x0cimage_height\x18\x65 \x01(\x05\x12\x13\n\x0bimage_width\x18\x66 \x01(\x05\x12\x11\n\tstate_dim\x18g \x01(\x05\x12\x12\n\naction_dim\x18h \x01(\x05\x12\x14\n\x0c\x63hunk_length\x18i \x01(\x05\x12\x13\n\x0bpolicy_type\x18j \x01(\t\x12\x15\n\rcheckpoint_id\x18k \x01(\t\x12\x12\n\nreplica_id\x18l \x01(\t\x12\x11\n\twarmed_up\x18m \x01(\x08\x12\x0f\n\x07gpu_ids\x18n \x03(\t\x12\x13\n\x0bmin_cameras\x18o \x01(\x05\x12\x11\n\tmax_delay\x18p \x01(\x05\x12\x18\n\x10max_prompt_bytes\x18q \x01(\x05\x32\xb0\x02\n\x12RobotPolicyService\x12[\n\x0eGetActionChunk\x12#.robot_inference.ObservationRequest\x1a$.robot_inference.ActionChunkResponse\x12\x63\n\x12StreamActionChunks\x12#.robot_inference.ObservationRequest\x1a$.robot_inference.ActionChunkResponse(\x01\x30\x01\x12X\n\x0bHealthCheck\x12#.robot_inference.HealthCheckRequest\x1a$.robot_inference.HealthCheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROBOTSTATE']._serialized_start=138
   _globals['_ROBOTSTATE']._serialized_end=165
   _globals['_OBSERVATIONREQUEST']._serialized_start=168
-  _globals['_OBSERVATIONREQUEST']._serialized_end=411
-  _globals['_ACTIONVECTOR']._serialized_start=413
-  _globals['_ACTIONVECTOR']._serialized_end=443
-  _globals['_ACTIONCHUNKRESPONSE']._serialized_start=446
-  _globals['_ACTIONCHUNKRESPONSE']._serialized_end=748
-  _globals['_HEALTHCHECKREQUEST']._serialized_start=750
-  _globals['_HEALTHCHECKREQUEST']._serialized_end=770
-  _globals['_HEALTHCHECKRESPONSE']._serialized_start=773
-  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1211
-  _globals['_ROBOTPOLICYSERVICE']._serialized_start=1214
-  _globals['_ROBOTPOLICYSERVICE']._serialized_end=1518
+  _globals['_OBSERVATIONREQUEST']._serialized_end=442
+  _globals['_ACTIONVECTOR']._serialized_start=444
+  _globals['_ACTIONVECTOR']._serialized_end=474
+  _globals['_ACTIONCHUNKRESPONSE']._serialized_start=477
+  _globals['_ACTIONCHUNKRESPONSE']._serialized_end=779
+  _globals['_HEALTHCHECKREQUEST']._serialized_start=781
+  _globals['_HEALTHCHECKREQUEST']._serialized_end=801
+  _globals['_HEALTHCHECKRESPONSE']._serialized_start=804
+  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1242
+  _globals['_ROBOTPOLICYSERVICE']._serialized_start=1245
+  _globals['_ROBOTPOLICYSERVICE']._serialized_end=1549
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class RobotState(_message.Message):
     def __init__(self, state: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ObservationRequest(_message.Message):
-    __slots__ = ("images", "robot_state", "prompt", "prefix_action", "delay", "timestamp_ns", "request_id")
+    __slots__ = ("images", "robot_state", "prompt", "prefix_action", "delay", "timestamp_ns", "request_id", "time_to_starvation_ms")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ROBOT_STATE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class ObservationRequest(_message.Message):
     DELAY_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_STARVATION_MS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[CameraImage]
     robot_state: RobotState
     prompt: str
@@ -40,7 +41,8 @@ class ObservationRequest(_message.Message):
     delay: int
     timestamp_ns: int
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[CameraImage, _Mapping]]] = ..., robot_state: _Optional[_Union[RobotState, _Mapping]] = ..., prompt: _Optional[str] = ..., prefix_action: _Optional[_Iterable[_Union[ActionVector, _Mapping]]] = ..., delay: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    time_to_starvation_ms: float
+    def __init__(self, images: _Optional[_Iterable[_Union[CameraImage, _Mapping]]] = ..., robot_state: _Optional[_Union[RobotState, _Mapping]] = ..., prompt: _Optional[str] = ..., prefix_action: _Optional[_Iterable[_Union[ActionVector, _Mapping]]] = ..., delay: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., request_id: _Optional[str] = ..., time_to_starvation_ms: _Optional[float] = ...) -> None: ...
 
 class ActionVector(_message.Message):
     __slots__ = ("values",)

@@ -19,7 +19,8 @@ from grpc_tools import protoc
 PACKAGE = "policy_wire"
 PROTO_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_DIR.parent
-INIT_TEXT = '''"""Generated from proto/robot_inference.proto by proto/generate.py. Do not edit."""
+INIT_TEXT = '''"""The wire. robot_inference_pb2*.py and this file are generated from proto/robot_inference.proto by
+proto/generate.py: never edit them. input_spec.py is written by hand: the input spec both sides read."""
 '''
 
 

@@ -9,6 +9,7 @@ from robot_client.control_loop import ControlLoop, LoopConfig
 from robot_client.errors import (
     AuthenticationFailed,
     IncompatibleServer,
+    ObservationDropped,
     ObservationRejected,
     PolicyError,
     ServerUnavailable,
@@ -29,6 +30,7 @@ __all__ = [
     "IncompatibleServer",
     "LoopConfig",
     "Observation",
+    "ObservationDropped",
     "ObservationRejected",
     "ObservationUnavailable",
     "PolicyClient",

@@ -16,6 +16,14 @@ e = min(m - k - 1, len(prefix)) more rows of the old plan: all ticks in between
 if the plan covered them, or the whole prefix and then stood still at its
 last row. Row e of the answer is therefore the next one to run. Ticks where
 the old plan still has actions are merged by the configured rule.
+
+Starvation. The answer is merged before the tick's action is taken, so an
+answer that arrives at any time before tick m starts runs at m. With R rows
+planned after tick k, the robot executes tick k's action until tick k + 1 and
+the last planned one until tick k + R + 1: that tick is where it starves, and
+an answer arriving before it starts still runs there (from row e = R, the row
+right after the prefix), seamlessly. So a request made at tick k has
+(R + 1) periods from tick k's start in which its answer is useful, not R.
 """
 
 from __future__ import annotations
@@ -112,6 +120,14 @@ class ChunkExecutor:
     def remaining(self, tick: int) -> int:
         """Planned actions for ticks after `tick`."""
         return max(0, self._start + len(self._plan) - (tick + 1))
+
+    def starvation_tick(self, tick: int) -> int | None:
+        """The first tick after `tick` with no planned action: the robot starves there unless an
+        answer has arrived before it starts. None when `tick` itself has no action (before the
+        first chunk, or the plan already ran dry): nothing is executing that could run out."""
+        if not self._start <= tick < self._start + len(self._plan):
+            return None
+        return tick + 1 + self.remaining(tick)
 
     def _rows_after(self, tick: int) -> np.ndarray:
         return self._plan[max(0, tick + 1 - self._start) :]

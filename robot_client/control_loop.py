@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from robot_client.chunk_executor import ChunkExecutor, ExecutorConfig, Verdict
-from robot_client.errors import PolicyError
+from robot_client.errors import ObservationDropped, PolicyError
 from robot_client.inference_worker import InferenceResult, InferenceWorker
 from robot_client.policy_client import PolicyClient
 from robot_client.robot import Observation, ObservationUnavailable, RobotPort
@@ -101,7 +101,9 @@ class ControlLoop:
         self.error: PolicyError | None = None
         self._last_action: np.ndarray | None = None
         self._in_gap = False
+        self._dropping = False  # the last answer was a server drop: log the next ones quietly
         self._observe_complaint = ""
+        self._t0: float | None = None  # clock time of tick 0, set by run()
 
     @classmethod
     def connect(
@@ -168,8 +170,17 @@ class ControlLoop:
         self._observe_complaint = ""
         request = self.executor.make_request(tick, now, self.worker.next_request_id())
         prefix, delay = self.executor.wire_prefix(request)
-        self.worker.submit(request, observation, prefix, delay)
+        self.worker.submit(request, observation, prefix, delay, starves_at=self._starves_at(tick, now))
         self.stats.requests += 1
+
+    def _starves_at(self, tick: int, now: float) -> float | None:
+        """Clock time the robot runs out of actions to execute: the start of the first tick with none
+        (an answer merged at that tick still runs there). None when nothing is executing."""
+        starving = self.executor.starvation_tick(tick)
+        if starving is None:
+            return None
+        t0 = self._t0 if self._t0 is not None else now - tick * self.config.period_s
+        return t0 + starving * self.config.period_s
 
     def _on_result(self, result: InferenceResult, tick: int, now: float) -> None:
         if result.error is None:
@@ -183,9 +194,19 @@ class ControlLoop:
             elif self._in_gap:
                 self._in_gap = False
                 logger.info("policy server answering again (replica %s)", chunk.replica_id)
+            self._dropping = False
             return
         self.executor.request_failed(result.request)
         error = result.error
+        if isinstance(error, ObservationDropped):
+            # The server answered, in time, that this observation came too late to be of use: the
+            # connection is fine (no new epoch, no backoff) and the plan in hand still runs. The next
+            # tick that wants a chunk sends a fresh observation.
+            self.stats.server_drops += 1
+            log = logger.debug if self._dropping else logger.warning
+            log("request %s: %s; executing the actions in hand", result.request.request_id, error)
+            self._dropping = True
+            return
         self.stats.failure(error.code.name if error.code is not None else type(error).__name__)
         if not error.transient:
             self.error = error
@@ -205,7 +226,7 @@ class ControlLoop:
         start = getattr(self.worker, "start", None)
         if start is not None:
             start()
-        t0 = self.clock()
+        t0 = self._t0 = self.clock()
         next_log = t0 + self.config.stats_interval_s
         tick = 0
         try:

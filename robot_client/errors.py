@@ -3,7 +3,9 @@
 Every gRPC failure is mapped here to one of a few classes. `transient` says
 whether waiting and reconnecting can fix it (the server restarting, a network
 gap) or whether retrying would only repeat the same refusal (a wrong key, an
-observation the model cannot take).
+observation the model cannot take). One is neither: ObservationDropped, the
+server's answer that one observation came too late to be of use, after which
+the robot simply sends its next one.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class ObservationRejected(PolicyError):
     """The server refused this observation (wrong state size, corrupt image ...). The robot is misconfigured."""
 
 
+class ObservationDropped(PolicyError):
+    """The server dropped this observation unanswered: it could not answer it before the robot's time
+    to starvation. The connection is fine and nothing is misconfigured: not retried, not fatal; the
+    robot keeps executing the actions it has and sends its next observation when it next asks."""
+
+
 class IncompatibleServer(PolicyError):
     """The server's model cannot serve this robot (dimensions, cameras) or speaks another protocol."""
 
@@ -71,11 +79,24 @@ def status_code(number: int) -> grpc.StatusCode:
 
 
 def policy_error(
-    code: grpc.StatusCode, details: str, address: str, *, timeout_s: float | None = None, has_key: bool = False
+    code: grpc.StatusCode,
+    details: str,
+    address: str,
+    *,
+    timeout_s: float | None = None,
+    has_key: bool = False,
+    from_server: bool = False,
 ) -> PolicyError:
-    """One failed call -> the PolicyError that says what to do about it."""
+    """One failed call -> the PolicyError that says what to do about it.
+
+    `from_server`: the server itself answered with `code` (in-band in a stream, or a unary call that
+    ended before its own deadline). DEADLINE_EXCEEDED is then its verdict on the observation (dropped,
+    too late to be of use), not the call running out of time.
+    """
     details = (details or "").strip() or "no details"
     name = code.name
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and from_server:
+        return ObservationDropped(f"observation dropped by the server: {details} ({name} from {address})", code)
     if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE.search(details):
         # A handshake refused is configuration (a certificate missing, expired or from
         # another CA; TLS to a plaintext port), not a network gap: retrying cannot help.

@@ -16,6 +16,23 @@ from robot_client.errors import PolicyError
 from robot_client.policy_client import ActionChunk, PolicyClient
 from robot_client.robot import Observation
 
+# 0 on the wire means "not given" (no deadline), so a budget already spent when the message is
+# built (a late tick, slow encoding) goes out as this: too little for any server, which drops it.
+SPENT_BUDGET_MS = 1e-3
+
+
+def time_to_starvation_ms(starves_at: float | None, now: float, wait_s: float) -> float:
+    """How long from `now` (the moment of sending) an answer is still of use, for the wire.
+
+    `starves_at`: clock time the robot runs out of actions to execute. None: nothing is executing
+    (before the first chunk, or after the plan ran dry), so the robot loses nothing more by waiting
+    and the budget is the wait itself. Either way an answer later than `wait_s` (the call's deadline)
+    is never read, so that bounds it too. Sending it rather than 0 tells the server exactly when
+    to stop spending work on this observation, and that a robot still moving is more urgent.
+    """
+    budget_s = wait_s if starves_at is None else min(wait_s, starves_at - now)
+    return max(budget_s * 1e3, SPENT_BUDGET_MS)
+
 
 @dataclass(frozen=True)
 class InferenceResult:
@@ -46,9 +63,12 @@ class InferenceWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: ChunkRequest, observation: Observation, prefix, delay: int) -> None:
+    def submit(
+        self, request: ChunkRequest, observation: Observation, prefix, delay: int, starves_at: float | None = None
+    ) -> None:
+        """Queue one observation; `starves_at`: clock time the robot runs out of actions (None: not executing)."""
         self._busy = True
-        self._jobs.put((request, observation, prefix, delay))
+        self._jobs.put((request, observation, prefix, delay, starves_at))
 
     def poll(self) -> list[InferenceResult]:
         results = []
@@ -69,10 +89,17 @@ class InferenceWorker:
             job = self._jobs.get()
             if job is None:
                 return
-            request, observation, prefix, delay = job
+            request, observation, prefix, delay, starves_at = job
             try:
+                # The budget is read as the message is built: encoding its frames (a few ms) counts
+                # as part of sending, as the network time does.
                 message = self.client.build_request(
-                    observation, self.prompt, prefix=prefix, delay=delay, request_id=request.request_id
+                    observation,
+                    self.prompt,
+                    prefix=prefix,
+                    delay=delay,
+                    request_id=request.request_id,
+                    time_to_starvation_ms=time_to_starvation_ms(starves_at, self.clock(), self.timeout_s),
                 )
                 result = InferenceResult(request, self.client.infer(message, self.timeout_s), None, self.clock())
             except PolicyError as err:

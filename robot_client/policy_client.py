@@ -259,14 +259,23 @@ class PolicyClient:
         prefix: np.ndarray | None = None,
         delay: int = 0,
         request_id: str | None = None,
+        time_to_starvation_ms: float = 0.0,
     ) -> pb.ObservationRequest:
-        """Observation (robot units, frames) -> ObservationRequest, frames fitted to the advertised resolution."""
+        """Observation (robot units, frames) -> ObservationRequest, frames fitted to the advertised resolution.
+
+        `time_to_starvation_ms`: how long from now an answer is still of use to the robot; the server
+        drops the observation (DEADLINE_EXCEEDED) if it cannot answer within it. 0: not sent, as
+        OpenTau's clients do; only the call's own deadline applies.
+        """
+        if time_to_starvation_ms < 0:
+            raise ValueError(f"time to starvation must be >= 0 ms (0: not given), got {time_to_starvation_ms}")
         request = pb.ObservationRequest(
             images=[encode_camera(f, self.spec.image_hw, self.jpeg_quality) for f in observation.images],
             robot_state=pb.RobotState(state=np.asarray(observation.state, np.float32).ravel().tolist()),
             prompt=prompt,
             timestamp_ns=time.time_ns(),
             request_id=request_id or self.next_request_id(),
+            time_to_starvation_ms=time_to_starvation_ms,
         )
         if prefix is not None and len(prefix):
             request.prefix_action.extend(pb.ActionVector(values=row) for row in np.asarray(prefix, np.float32).tolist())
@@ -280,17 +289,23 @@ class PolicyClient:
             # Reconnecting: re-read the spec first, a redeployed server may serve another model.
             self.health(timeout_s=timeout)
             self._recovered()
+        started = time.monotonic()
         try:
             if self.mode == "stream":
                 response = self._exchange_on_stream(request, timeout)
             else:
                 response = self._connect().GetActionChunk(request, metadata=self._metadata, timeout=timeout)
         except grpc.RpcError as err:
-            raise self._gap(self._error(err, timeout)) from None
+            verdict = self._answered_early(err, started, timeout)
+            raise self._gap(self._error(err, timeout, from_server=verdict)) from None
         if response.error_code:
             # In-band error (streams): this message was refused, the stream goes on.
             raise policy_error(
-                status_code(response.error_code), response.error_message, self.address, has_key=bool(self._api_key)
+                status_code(response.error_code),
+                response.error_message,
+                self.address,
+                has_key=bool(self._api_key),
+                from_server=True,
             )
         try:
             return ActionChunk.from_response(response)
@@ -327,8 +342,21 @@ class PolicyClient:
                     self._stream = None  # a failed stream is dead; the next call opens a new one
             raise
 
-    def _error(self, err, timeout: float) -> PolicyError:
-        return from_rpc_error(err, self.address, timeout_s=timeout, has_key=bool(self._api_key))
+    def _answered_early(self, err: grpc.RpcError, started: float, timeout: float) -> bool:
+        """Whether a failed unary call's status is the server's answer rather than our deadline running
+        out: it came before the deadline, and not in gRPC's words for its own deadline. A stream's
+        status ends the whole stream and is never one observation's verdict (those come in-band)."""
+        details = err.details() if hasattr(err, "details") else ""
+        return (
+            self.mode == "unary"
+            and time.monotonic() - started < timeout
+            and (details or "").strip().lower() != "deadline exceeded"
+        )
+
+    def _error(self, err, timeout: float, from_server: bool = False) -> PolicyError:
+        return from_rpc_error(
+            err, self.address, timeout_s=timeout, has_key=bool(self._api_key), from_server=from_server
+        )
 
 
 def tls_credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:

@@ -8,33 +8,27 @@ has, as OpenTau's client does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from policy_wire import robot_inference_pb2 as pb
+from policy_wire.input_spec import InputSpec
 from robot_client.errors import IncompatibleServer
 
 
 @dataclass(frozen=True)
-class ServerSpec:
+class ServerSpec(InputSpec):
+    """The input spec (policy_wire/input_spec.py: its one list of fields) plus who is serving it."""
+
     healthy: bool = False
     status: str = ""
     model_name: str = ""
-    num_cameras: int = 0
-    min_cameras: int = 0
-    image_height: int = 0
-    image_width: int = 0
-    state_dim: int = 0
-    action_dim: int = 0
-    chunk_length: int = 0
-    max_delay: int = 0
-    max_prompt_bytes: int = 0
     checkpoint_id: str = ""
     replica_id: str = ""
     warmed_up: bool = False
 
     @classmethod
     def from_health(cls, health: pb.HealthCheckResponse) -> ServerSpec:
-        return cls(**{name: getattr(health, name) for name in cls.__dataclass_fields__})
+        return cls(**{f.name: getattr(health, f.name) for f in fields(cls)})
 
     @property
     def advertised(self) -> bool:

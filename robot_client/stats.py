@@ -2,7 +2,9 @@
 
 Starvation counts ticks, after the policy first moved the robot, that had no
 fresh action to run: each one is a stall the robot felt. Jitter is how late
-each tick started against its schedule.
+each tick started against its schedule. Server drops are observations the
+server answered DEADLINE_EXCEEDED to, unanswered, because it could not answer
+them before the robot's time to starvation: not failures, the connection was fine.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LoopStats:
         self.holds = 0
         self.resumes = 0
         self.requests = 0
+        self.server_drops = 0  # observations the server dropped as too late to answer in time
         self.failures: Counter[str] = Counter()
         self.verdicts: Counter[Verdict] = Counter()
         self.latency_ms: deque[float] = deque(maxlen=_KEEP)
@@ -81,6 +84,7 @@ class LoopStats:
             "requests": self.requests,
             "chunks_accepted": self.verdicts[Verdict.ACCEPTED],
             "chunks_dropped": {v.name.lower(): n for v, n in self.verdicts.items() if v is not Verdict.ACCEPTED},
+            "server_drops": self.server_drops,
             "failures": dict(self.failures),
             "latency_ms": {"p50": lat50, "p95": lat95, "max": lat_max},
             "server_inference_ms_p50": _percentiles(self.inference_ms, 50)[0],
@@ -102,6 +106,7 @@ class LoopStats:
             f"max={lat['max']:.1f} (server inference p50={s['server_inference_ms_p50']:.1f}) | "
             f"jitter ms p50={late['p50']:.2f} p99={late['p99']:.2f} max={late['max']:.2f} "
             f"skipped={s['skipped_ticks']} | chunks={s['chunks_accepted']} dropped={dropped} "
+            f"server_drops={s['server_drops']} "
             f"overlap rows mean={s['overlap_rows_mean']:.1f} disagreement max={s['overlap_disagreement_max']:.3f} "
             f"seam step max={s['seam_step_max']:.3f} | "
             f"failures={sum(s['failures'].values())}"

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from serve_app.app import REPO_ROOT, resolve_checkpoint
+from serve_app.app import REPO_ROOT, application, resolve_checkpoint
 from serve_app.checkpoint import open_checkpoint
 from serve_app.ingress import MB, load_config, max_message_bytes, start_options, with_ingress, with_max_message_mb
 
@@ -81,15 +81,14 @@ def launch_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(config: dict[str, Any], address: str | None, dashboard: bool = True) -> None:
-    """What `serve run` does with a config file: start Serve with its proxy options, apply the config."""
+    """What `serve run` does with a config file: start Serve with its proxy options, run its application."""
     import ray
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     ray.init(address=address, include_dashboard=dashboard if address in (None, "local") else None)
     serve.start(**start_options(config))
-    _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config), _blocking=True)
+    for app in config["applications"]:  # serve.run waits until RUNNING; a failed deploy raises with Serve's message
+        serve.run(application(app), name=app["name"], route_prefix=app.get("route_prefix", "/"))
     logger.info("serving on port %s; Ctrl-C to stop", config["grpc_options"]["port"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

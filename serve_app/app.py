@@ -3,6 +3,10 @@
 The checkpoint is opened and its weights checked against the policy here, in
 the process that deploys, so a wrong path or a mismatched file fails the
 deploy at once with the file and keys named, before any replica starts.
+
+`application(app)` is the same application for `serve.run` (the launcher,
+benchmarks): one entry of serve_config.yaml's `applications`, with the options
+of its `deployments` entry applied as Serve applies them to a deployed file.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
+from ray.serve.schema import DeploymentSchema
 
 from serve_app.checkpoint import open_checkpoint
 from serve_app.policies import verify_checkpoint
@@ -19,6 +24,12 @@ from serve_app.replica import RobotPolicyReplica
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPLICA_ARGS = frozenset(inspect.signature(RobotPolicyReplica.func_or_class.__init__).parameters) - {"self"}
+IMPORT_PATH = "serve_app.app:build_app"
+APPLICATION_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "deployments"})
+# What a `deployments` entry of a Serve config may set that Deployment.options takes too (all but
+# rolling_update_percentage, which Ray 2.60 no longer applies).
+DEPLOYMENT_OPTIONS = (frozenset(DeploymentSchema.model_fields)
+                      & frozenset(inspect.signature(Deployment.options).parameters) - {"name"})
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -31,6 +42,32 @@ def resolve_checkpoint(path: str) -> str:
 
 def build_app(args: dict[str, Any]) -> Application:
     """The entry point Serve calls with the `args` of serve_config.yaml."""
+    return RobotPolicyReplica.bind(**replica_args(args))
+
+
+def application(app: dict[str, Any]) -> Application:
+    """One entry of serve_config.yaml's `applications`, ready for
+    `serve.run(application(app), name=app["name"], route_prefix=app.get("route_prefix", "/"))`."""
+    unknown = set(app) - APPLICATION_KEYS
+    if unknown:
+        raise ValueError(f"serve_app: application keys {sorted(unknown)} are not supported; "
+                         f"known: {sorted(APPLICATION_KEYS)}")
+    if app.get("import_path", IMPORT_PATH) != IMPORT_PATH:
+        raise ValueError(f"serve_app: import_path {app['import_path']!r}; this application is {IMPORT_PATH!r}")
+    deployments = app.get("deployments") or [{"name": RobotPolicyReplica.name}]
+    names = [d.get("name") for d in deployments]
+    if names != [RobotPolicyReplica.name]:
+        raise ValueError(f"serve_app: deployments {names}; the application has one, {RobotPolicyReplica.name!r}")
+    options = {k: v for k, v in deployments[0].items() if k != "name"}
+    unknown = set(options) - DEPLOYMENT_OPTIONS
+    if unknown:
+        raise ValueError(f"serve_app: deployment options {sorted(unknown)} are not supported; "
+                         f"known: {sorted(DEPLOYMENT_OPTIONS)}")
+    return RobotPolicyReplica.options(**options).bind(**replica_args(app.get("args") or {}))
+
+
+def replica_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The replica's constructor arguments from `args`, its checkpoint resolved and verified."""
     args = dict(args)
     unknown = set(args) - REPLICA_ARGS
     if unknown:
@@ -39,4 +76,4 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ValueError("serve_app: args.checkpoint is required (a checkpoint directory or its train_config.json)")
     args["checkpoint"] = resolve_checkpoint(args["checkpoint"])
     verify_checkpoint(open_checkpoint(args["checkpoint"], args.get("pretrained_path")))
-    return RobotPolicyReplica.bind(**args)
+    return args

@@ -32,10 +32,10 @@ def load_config(path: Path = SERVE_CONFIG) -> dict[str, Any]:
 
 def controller_env(config: dict[str, Any]) -> dict[str, str]:
     """The controller's env_vars, created in `config` if absent (mutable view)."""
-    options = config.setdefault("controller_options", {}) or {}
-    config["controller_options"] = options
-    runtime_env = options.setdefault("runtime_env", {})
-    return runtime_env.setdefault("env_vars", {})
+    options = config["controller_options"] = config.get("controller_options") or {}
+    runtime_env = options["runtime_env"] = options.get("runtime_env") or {}
+    env_vars = runtime_env["env_vars"] = runtime_env.get("env_vars") or {}
+    return env_vars
 
 
 def with_ingress(config: dict[str, Any], standard_proxy: bool) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def with_max_message_mb(config: dict[str, Any], megabytes: float) -> dict[str, A
 
 
 def max_message_bytes(config: dict[str, Any]) -> int | None:
-    value = config.get("controller_options", {}).get("runtime_env", {}).get("env_vars", {}).get(MAX_MESSAGE_ENV)
+    value = controller_env(copy.deepcopy(config)).get(MAX_MESSAGE_ENV)  # a copy: reading adds nothing to `config`
     return int(value) if value is not None else None
 
 

@@ -10,23 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from policy_wire.input_spec import InputSpec
 from serve_app.errors import invalid
 from serve_app.images import ImageLimits, decode_cost_pixels, decode_image, letterbox
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a policy accepts; advertised to clients in HealthCheck."""
-
-    num_cameras: int
-    min_cameras: int
-    image_height: int
-    image_width: int
-    state_dim: int
-    action_dim: int
-    chunk_length: int
-    max_delay: int
-    max_prompt_bytes: int = 2048
 
 
 @dataclass
@@ -39,6 +25,18 @@ class Observation:
     prompt: str
     prefix: np.ndarray  # (chunk_length, action_dim) float32, zero-padded
     delay: int  # rows of `prefix` the returned chunk must reproduce
+
+    @classmethod
+    def blank(cls, spec: InputSpec) -> "Observation":
+        """Black frames, zero state, no prompt, no prefix: what health probes and warm-up compute."""
+        return cls(
+            images=np.zeros((spec.num_cameras, spec.image_height, spec.image_width, 3), np.uint8),
+            camera_mask=np.ones(spec.num_cameras, bool),
+            state=np.zeros(spec.state_dim, np.float32),
+            prompt="",
+            prefix=np.zeros((spec.chunk_length, spec.action_dim), np.float32),
+            delay=0,
+        )
 
 
 @dataclass

@@ -7,7 +7,7 @@ running, and returns the loopback address robots connect to.
 
 from __future__ import annotations
 
-from serve_app.cluster_ports import keep_ray_on_loopback
+from testbed.cluster_ports import keep_ray_on_loopback
 
 # Before anything imports Ray: the session cluster, and every cluster a test starts in a
 # subprocess (they inherit the environment), binds 127.0.0.1 (tests/test_loopback.py).
@@ -25,8 +25,9 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import LOOPBACK_ENV, free_port, private_ports_env
 from serve_app.ingress import load_config, start_options
+from testbed import serve_rest
+from testbed.cluster_ports import LOOPBACK_ENV, free_port, private_ports_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
@@ -155,20 +156,18 @@ def node_addresses(procs) -> set[str]:
     return out
 
 
-class DeployFailed(RuntimeError):
-    pass
-
-
 class ServeHarness:
-    """Deploys the app declaratively, the way `serve run/deploy serve_config.yaml` does.
+    """Deploys the app declaratively, the way `serve deploy serve_config.yaml` does (Serve's REST API).
 
-    Going through the controller's config path (not `serve.run` of a bound app)
-    matters: it is what lets a user_config change reach `reconfigure` on the
-    running replicas instead of replacing them.
+    A config, not `serve.run` of a bound app, matters: it is what lets a
+    user_config change reach `reconfigure` on the running replicas instead of
+    replacing them (testbed/serve_rest.py).
     """
 
-    def __init__(self, grpc_port: int):
+    def __init__(self, grpc_port: int, dashboard: str, session_dir: str):
         self.address = f"127.0.0.1:{grpc_port}"
+        self.dashboard = dashboard
+        self.logs_dir = Path(session_dir) / "logs"  # every process's log file of the session cluster
         self._current: str | None = None
 
     def deploy(self, args: dict | None = None, metadata=(), timeout_s: float = 120, **options) -> str:
@@ -178,7 +177,9 @@ class ServeHarness:
         key = json.dumps([args, options], sort_keys=True, default=str)
         if key != self._current:
             self._current = None
-            self._apply(args, options, timeout_s)
+            app = {"name": APP_NAME, "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args,
+                   "deployments": [{"name": "RobotPolicy", **options}]}
+            serve_rest.deploy(self.dashboard, app, timeout_s)  # raises DeployFailed with Serve's message
             self._current = key
         wait_for_health(self.address, metadata=metadata, timeout_s=timeout_s)
         return self.address
@@ -186,36 +187,6 @@ class ServeHarness:
     def forget(self) -> None:
         """Force the next deploy() to redeploy (after a test changed the app behind our back)."""
         self._current = None
-
-    @staticmethod
-    def _apply(args: dict, options: dict, timeout_s: float) -> None:
-        from ray.serve.context import _get_global_client
-        from ray.serve.schema import ApplicationStatus, ServeDeploySchema
-
-        config = ServeDeploySchema.parse_obj(
-            {
-                "applications": [
-                    {
-                        "name": APP_NAME,
-                        "route_prefix": "/",
-                        "import_path": "serve_app.app:build_app",
-                        "args": args,
-                        "deployments": [{"name": "RobotPolicy", **options}],
-                    }
-                ]
-            }
-        )
-        client = _get_global_client()
-        client.deploy_apps(config)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = {s.name: s.app_status for s in client.list_serve_statuses()}.get(APP_NAME)
-            if status is not None and status.status == ApplicationStatus.RUNNING:
-                return
-            if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
-                raise DeployFailed(status.message)
-            time.sleep(0.2)
-        raise TimeoutError(f"app {APP_NAME} not RUNNING after {timeout_s}s")
 
 
 @pytest.fixture(scope="session")
@@ -230,7 +201,9 @@ def serve_harness():
     private_ports = private_ports_env()
     os.environ.update(private_ports)
     try:
-        ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # The dashboard serves Serve's REST API, which the harness deploys through.
+        ray_context = ray.init(num_cpus=8, num_gpus=2, include_dashboard=True, dashboard_port=free_port(),
+                               log_to_driver=False, configure_logging=False)
     finally:
         for name in set(private_ports) - set(LOOPBACK_ENV):  # loopback stays, for every later cluster and client
             os.environ.pop(name, None)
@@ -239,7 +212,7 @@ def serve_harness():
     # tests/test_standard_proxy.py covers the standard proxy), on loopback and private ports.
     serve.start(**start_options(load_config(), grpc_port=grpc_port, http_port=free_port(), http_host="127.0.0.1"))
     try:
-        yield ServeHarness(grpc_port)
+        yield ServeHarness(grpc_port, ray_context.dashboard_url, ray_context.address_info["session_dir"])
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -2,8 +2,10 @@
 
 The scripted worker answers like a real-time-chunking server (the first
 `delay` rows repeat the prefix) after a latency measured on the fake clock,
-and can be told the server is down for a while. Each answer's rows say where
-they came from: row i of the n-th answer is [n, i, n + i/100, ...].
+and can be told the server is down for a while, or to answer a given request
+with an error (a refusal, a server drop). Each answer's rows say where they
+came from: row i of the n-th answer is [n, i, n + i/100, ...]. Each request
+records the time to starvation the real worker would have sent with it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robot_client.errors import PolicyError, ServerUnavailable
-from robot_client.inference_worker import InferenceResult
+from robot_client.inference_worker import InferenceResult, time_to_starvation_ms
 from robot_client.policy_client import ActionChunk
 from robot_client.replay_robot import ReplayRobot, synthetic_recording
 from robot_client.server_spec import ServerSpec
@@ -67,6 +69,7 @@ class Sent:
     prefix: np.ndarray | None
     delay: int
     observation: object = None
+    time_to_starvation_ms: float = 0.0  # what the real worker would put on the wire, sent at `at`
 
 
 @dataclass
@@ -77,9 +80,10 @@ class ScriptedWorker:
     action_dim: int = 4
     fail_after_s: float = 0.001  # a refused connection fails fast
     backoff_s: float = 0.1
+    timeout_s: float = 0.5  # the call's deadline: bounds the time to starvation sent
     outages: list[tuple[float, float]] = field(default_factory=list)  # [start, end) the server is down
     slow: dict[int, float] = field(default_factory=dict)  # request number -> its latency instead
-    fatal: dict[int, PolicyError] = field(default_factory=dict)  # request number -> error to answer with
+    errors: dict[int, PolicyError] = field(default_factory=dict)  # request number -> error to answer with
     sent: list[Sent] = field(default_factory=list)
     answers: dict[str, np.ndarray] = field(default_factory=dict)
     _pending: list = field(default_factory=list)
@@ -95,12 +99,13 @@ class ScriptedWorker:
     def next_request_id(self) -> str:
         return f"r{len(self.sent) + 1}"
 
-    def submit(self, request, observation, prefix, delay) -> None:
+    def submit(self, request, observation, prefix, delay, starves_at=None) -> None:
         now = self.clock()
         n = len(self.sent) + 1
-        self.sent.append(Sent(now, request, prefix, delay, observation))
-        if n in self.fatal:
-            self._pending.append((now + self.fail_after_s, request, self.fatal[n]))
+        budget = time_to_starvation_ms(starves_at, now, self.timeout_s)
+        self.sent.append(Sent(now, request, prefix, delay, observation, budget))
+        if n in self.errors:
+            self._pending.append((now + self.fail_after_s, request, self.errors[n]))
         elif self.down(now):
             self._pending.append((now + self.fail_after_s, request, ServerUnavailable("scripted outage")))
         else:

@@ -31,3 +31,26 @@ def test_quick_benchmark_runs_against_every_server(tmp_path):
     assert {r["replicas_answering"] for r in report["servers"]["serve_haproxy_1replica"].values()} == {1}
     assert out.with_suffix(".png").stat().st_size > 0
     assert report["environment"]["versions"]["ray"]
+
+
+def test_quick_overload_benchmark_runs_fifo_and_deadline_side_by_side(tmp_path):
+    out = tmp_path / "overload.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.overload", "--quick", "--out", str(out)], cwd=REPO_ROOT,
+                   check=True, timeout=900)
+    report = json.loads(out.read_text())
+    assert report["capacity"]["chunks_per_s"] > 0
+    assert all(r["ms_per_batch"] > 0 for r in report["model_alone"]["by_batch_size"].values())
+    assert set(report["loads"]) == {"1x", "2x"}
+    for load, case in report["loads"].items():
+        assert case["robots"] >= 1
+        for name in ("fifo", "deadline"):
+            row = case[name]
+            # Every tick is accounted for: sent (then good, late, dropped or failed) or skipped while waiting.
+            sent = row["good"] + row["missed"]["late"] + row["dropped"] + sum(row["errors"].values())
+            assert row["deadlines"] == sent + row["skipped_ticks"], (load, name, row)
+            assert row["requests"] > 0 and row["latency_ms"]["p50"] > 0, (load, name, row)
+            assert row["batch_size"]["max"] >= 1 and row["server"]["rss_mib"] > 0, (load, name, row)
+            assert 0 <= row["goodput_per_s"] <= row["throughput_per_s"] <= row["sent_per_s"] * 1.01, (load, name, row)
+            assert row["replicas_answering"] == 1
+        assert case["fifo"]["dropped"] == 0  # FIFO drops nothing for time
+    assert report["environment"]["versions"]["ray"] and report["settings"]["deadline_ms"] == 100

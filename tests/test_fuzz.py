@@ -395,9 +395,7 @@ def test_bytes_that_are_not_a_protobuf_get_invalid_argument(keyed_app, keyed_stu
 
 
 @pytest.mark.serve
-def test_the_api_key_never_appears_in_a_log(keyed_app, keyed_stub):
-    import ray
-
+def test_the_api_key_never_appears_in_a_log(serve_harness, keyed_app, keyed_stub):
     # Authenticated and refused calls of every kind, and a bad observation that gets logged.
     keyed_stub.HealthCheck(pb.HealthCheckRequest(), metadata=WITH_KEY, timeout=10)
     keyed_stub.GetActionChunk(observation(), metadata=WITH_KEY, timeout=10)
@@ -414,7 +412,7 @@ def test_the_api_key_never_appears_in_a_log(keyed_app, keyed_stub):
         keyed_stub.GetActionChunk(bad, metadata=WITH_KEY, timeout=10)
     time.sleep(1.0)  # let the replica's and the proxy's log handlers write
 
-    logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+    logs_dir = serve_harness.logs_dir
     files = [p for p in Path(logs_dir).rglob("*") if p.is_file()]
     contents = {p: p.read_bytes() for p in files}
     # We are looking at the right place: the replica's log says auth is on, naming the file only.

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from serve_app.__main__ import launch_plan, parse_args
-from serve_app.cluster_ports import SINGLE_PORTS, private_ports_env
+from serve_app.ingress import load_config
+from testbed.cluster_ports import SINGLE_PORTS, private_ports_env
 from tests.conftest import (DEMO_CHECKPOINT, REPO_ROOT, free_port, launcher_env, listening_ports, node_addresses,
                             process_tree_cmdlines, sockets_off_loopback, stop_process_group, wait_for_health)
 
@@ -33,7 +33,7 @@ def test_max_workers_never_caps_batching():
 
 
 def test_serve_config_is_what_the_launcher_reads():
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    config = load_config()
     assert config["grpc_options"]["port"] == 50051
     assert config["applications"][0]["import_path"] == "serve_app.app:build_app"
 
@@ -53,8 +53,7 @@ def test_launcher_serves_the_checkpoint(tmp_path: Path):
         assert health.policy_type == "visuomotor_chunk" and health.chunk_length == 16
         # As serve_config.yaml says, behind the throughput-optimised ingress (an HAProxy process).
         # serve_config.yaml autoscales from min_replicas; with no load it stays there.
-        replicas = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())["applications"][0]["deployments"][0][
-            "autoscaling_config"]["min_replicas"]
+        replicas = load_config()["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"]
         deadline = time.monotonic() + 120
         while True:
             names = process_tree_cmdlines(proc.pid)
@@ -66,7 +65,7 @@ def test_launcher_serves_the_checkpoint(tmp_path: Path):
         assert any("haproxy" in n for n in names), names
         # A cluster beside others (this one sits beside the session's) must keep off the ports
         # Serve uses machine-wide: the replicas' and the fallback proxy's are shared silently
-        # through SO_REUSEPORT (serve_app/cluster_ports.py).
+        # through SO_REUSEPORT (testbed/cluster_ports.py).
         singles = {int(private_ports[name]) for name in SINGLE_PORTS}
         low, high = (int(private_ports[f"RAY_SERVE_DIRECT_INGRESS_{end}_GRPC_PORT"]) for end in ("MIN", "MAX"))
         deadline = time.monotonic() + 60

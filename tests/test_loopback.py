@@ -2,7 +2,7 @@
 
 The session cluster here; the README's `serve run` in test_quickstart.py; a launcher-started
 cluster in test_launcher.py; benchmark servers and notebook clusters start the same way
-(serve_app.cluster_ports.keep_ray_on_loopback).
+(testbed.cluster_ports.keep_ray_on_loopback).
 """
 
 from __future__ import annotations

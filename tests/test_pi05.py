@@ -190,12 +190,19 @@ def test_prompt_tokens_start_with_bos_and_are_right_padded(policy):
 
 
 def test_rtc_prefix_rows_are_returned_exactly(policy):
-    batch = _batch(policy.spec, 3, delay=[0, 1, 2])
-    actions = policy.predict(batch, noise=_noise(policy, 3))
-    assert actions.shape == (3, 4, 6) and actions.dtype == np.float32
-    for i, d in enumerate(batch.delay):
-        np.testing.assert_array_equal(actions[i, :d], batch.prefix[i, :d])
-    assert not np.allclose(actions[2, 2:], batch.prefix[2, 2:])
+    """The engine pins them for every policy (serve_app/rtc.py); pi05 also samples the rest towards them."""
+    import asyncio
+
+    from serve_app.engine import Engine
+
+    request = observation(num_cameras=2, state_dim=8)
+    prefix = np.random.default_rng(3).normal(size=(4, 6)).astype(np.float32)
+    request.prefix_action.extend(pb.ActionVector(values=row) for row in prefix.tolist())
+    request.delay = 2
+    actions = asyncio.run(Engine(policy).submit(request, None)).actions
+    assert actions.shape == (4, 6) and actions.dtype == np.float32
+    np.testing.assert_array_equal(actions[:2], prefix[:2])
+    assert not np.allclose(actions[2:], prefix[2:])
 
 
 def test_delay_beyond_policy_maximum_is_invalid_argument(policy):

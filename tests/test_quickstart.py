@@ -7,7 +7,7 @@ interface, message limits, a body that does not parse, a start-up log a person
 can read, the dashboard in a real browser, and Ray itself on loopback.
 
 The one variable the test adds, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-(serve_app.cluster_ports.LOOPBACK_ENV), keeps Ray's own processes on
+(testbed.cluster_ports.LOOPBACK_ENV), keeps Ray's own processes on
 127.0.0.1 (tests send nothing to another address); it does not change the app.
 """
 
@@ -25,8 +25,8 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from serve_app.cluster_ports import LOOPBACK_ENV
 from serve_app.ingress import MB, load_config, max_message_bytes
+from testbed.cluster_ports import LOOPBACK_ENV
 from tests.conftest import REPO_ROOT, node_addresses, process_tree_cmdlines, sockets_off_loopback, stop_process_group, wait_for_health
 from tests.opentau_wire import LegacyStub, legacy
 from tests.payloads import chunk_array, observation
@@ -176,8 +176,9 @@ def test_start_up_log_says_what_a_person_needs(quickstart):
     assert poller.answered_after is not None, "the polling robot never got an answer"
     time.sleep(2)  # let the last replica lines reach the driver
     log = log_path.read_text()
-    for line in ("checkpoint loaded: visuomotor_chunk", "warm-up forward pass done",
-                 f"ready: robots connect to 0.0.0.0:{GRPC_PORT} through HAProxy ingress", "ray get-auth-token"):
+    ready = ("ready: robots connect to the serve config's grpc_options.port on http_options.host "
+             "through HAProxy ingress")
+    for line in ("checkpoint loaded: visuomotor_chunk", "warm-up forward passes done", ready, "ray get-auth-token"):
         assert line in log, f"start-up log lacks {line!r}:\n{log[-4000:]}"
     # A robot polled HealthCheck throughout start-up (as the README suggests): nothing alarming came of it.
     for scary in ("Traceback", "Task exception was never retrieved", "RequestCancelledError"):

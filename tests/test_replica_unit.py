@@ -1,4 +1,5 @@
-"""The deployment class on its own (no Ray, no gRPC). Batching needs Serve: see test_serving.py."""
+"""The deployment class on its own (no Ray, no gRPC): the adapter around the engine (tests/test_engine.py).
+@serve.batch needs a replica: batching through Serve is in test_serving.py."""
 
 import asyncio
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from policy_wire import robot_inference_pb2 as pb
+from policy_wire.input_spec import InputSpec
 from serve_app.replica import BatchSettings, RobotPolicyReplica
 from tests.conftest import DEMO_CHECKPOINT
 from tests.payloads import observation
@@ -34,7 +36,7 @@ class Context:
 def test_check_health_runs_a_real_forward_pass_and_fails_on_broken_weights(replica):
     asyncio.run(replica.check_health())
     with torch.no_grad():
-        replica._policy.net.head[0].weight.fill_(float("nan"))
+        replica._engine.policy.net.head[0].weight.fill_(float("nan"))
     with pytest.raises(RuntimeError, match="non-finite"):
         asyncio.run(replica.check_health())
 
@@ -59,46 +61,31 @@ def test_user_config_is_validated():
 def test_health_check_response(replica):
     health = asyncio.run(replica.HealthCheck(pb.HealthCheckRequest(), grpc_context=Context()))
     assert health.healthy and health.replica_id == "local" and health.chunk_length == 16
+    advertised = InputSpec(**{name: getattr(health, name) for name in InputSpec.__dataclass_fields__})
+    assert advertised == replica._engine.spec  # every field of the spec, from its one list
 
 
-class CountingPool:
-    """The replica's decode pool, counting what is handed to it."""
+def test_time_to_starvation_is_the_deadline_and_a_bad_one_is_invalid_argument(replica):
+    context = Context()
+    request = observation()
+    request.time_to_starvation_ms = -5
+    asyncio.run(replica.GetActionChunk(request, grpc_context=context))
+    assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "time_to_starvation_ms" in context.details
 
-    def __init__(self, pool):
-        self.pool, self.calls = pool, 0
+    request.time_to_starvation_ms = 1e-6  # gone before the pass: dropped, status on the call
+    context = Context()
+    response = asyncio.run(replica.GetActionChunk(request, grpc_context=context))
+    assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED and "dropped before the forward pass" in context.details
+    assert not response.action_chunk
 
-    def submit(self, fn, *args):
-        self.calls += 1
-        return self.pool.submit(fn, *args)
+    request.time_to_starvation_ms = 60_000
+    context = Context()
+    response = asyncio.run(replica.GetActionChunk(request, grpc_context=context))
+    assert context.code is None and len(response.action_chunk) == 16
 
 
-def test_small_frames_decode_inline_large_ones_in_the_pool_with_the_same_answer(replica, monkeypatch):
-    from ray.serve.batching import _BatchQueue
-
-    from tests.payloads import encode, frame
-
-    # Outside a replica, @serve.batch's queue asks for a replica context it does not need.
-    # Its queue also lives with the first event loop that used it: one asyncio.run for all calls.
-    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-    pool = replica._decode_pool = CountingPool(replica._decode_pool)
-
-    def request(side):
-        r = observation()
-        for camera in r.images:
-            camera.image_data = encode(frame(side, side), "JPEG")
-        return r
-
-    async def answer(r, inline_max):
-        replica._inline_decode_max_pixels = inline_max
-        before = pool.calls
-        response = await replica.GetActionChunk(r, grpc_context=Context())
-        return [list(row.values) for row in response.action_chunk], pool.calls - before
-
-    async def scenario():
-        small, large = request(96), request(1280)
-        budget = 2 * 640 * 480  # the default: two VGA frames
-        return [await answer(small, budget), await answer(small, 0), await answer(large, budget), await answer(large, 0)]
-
-    (small_inline, hops_a), (small_pooled, hops_b), (large_default, hops_c), (large_pooled, hops_d) = asyncio.run(scenario())
-    assert (hops_a, hops_b, hops_c, hops_d) == (0, 1, 1, 1)  # 2 x 1280^2 pixels is over the default budget
-    assert len(small_inline) == 16 and small_inline == small_pooled and large_default == large_pooled
+def test_user_config_sets_scheduling_live(replica):
+    replica.reconfigure({"max_batch_size": 4, "scheduling": "fifo"})
+    assert replica._engine.settings == BatchSettings(max_batch_size=4, scheduling="fifo")
+    with pytest.raises(ValueError, match="scheduling"):
+        replica.reconfigure({"scheduling": "lifo"})

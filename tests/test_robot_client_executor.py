@@ -104,6 +104,24 @@ def test_after_the_plan_ran_out_the_answer_continues_where_the_robot_stopped():
     assert ex.action_for(20).row == 2
 
 
+def test_the_robot_starves_at_the_tick_after_its_last_planned_action_and_an_answer_then_still_runs():
+    ex = executor()
+    assert ex.starvation_tick(0) is None  # nothing executing before the first chunk
+    ex.accept(ex.make_request(0, 0.0, "a"), chunk(1), tick=1, now=PERIOD)  # rows for ticks 1..16
+    run_ticks(ex, 1, 12)
+    assert ex.remaining(12) == 4 and ex.starvation_tick(12) == 17  # ticks 13..16 planned, 17 is not
+    req = ex.make_request(12, 12 * PERIOD, "b")
+    run_ticks(ex, 13, 16)
+    assert ex.starvation_tick(16) == 17  # the last action runs until tick 17 starts
+    # An answer merged at the starving tick itself runs there, right after the prefix: no stall.
+    report = ex.accept(req, chunk(2), tick=17, now=17 * PERIOD)
+    assert report.verdict is Verdict.ACCEPTED and report.first_row == 4
+    assert ex.action_for(17).request_id == "b"
+    # Once the plan ran dry, nothing is executing any more.
+    run_ticks(ex, 18, 28)
+    assert ex.action_for(29) is None and ex.starvation_tick(29) is None
+
+
 def test_replace_rule_switches_to_the_new_chunk_at_the_seam():
     ex = executor(merge="replace")
     ex.accept(ex.make_request(0, 0.0, "a"), chunk(1), tick=1, now=PERIOD)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
 from robot_client.chunk_executor import Verdict
 from robot_client.control_loop import ControlLoop, LoopConfig
-from robot_client.errors import ObservationRejected
+from robot_client.errors import ObservationDropped, ObservationRejected
 from robot_client.robot import ObservationUnavailable
 from tests.robot_client_fixtures import FakeClock, ScriptedWorker, demo_spec, small_robot
 
@@ -115,7 +117,7 @@ def test_last_position_hold_keeps_commanding_the_last_action():
 def test_a_rejected_observation_stops_the_loop_with_the_servers_message_and_holds_the_robot():
     clock = FakeClock()
     error = ObservationRejected("the policy server rejected the observation: robot_state: 40 values (INVALID_ARGUMENT)")
-    worker = ScriptedWorker(clock, fatal={5: error})
+    worker = ScriptedWorker(clock, errors={5: error})
     loop, robot = make_loop(clock, worker)
     with pytest.raises(ObservationRejected, match="robot_state: 40 values"):
         loop.run(duration_s=5.0)
@@ -160,3 +162,73 @@ def test_no_request_until_the_robot_can_observe():
     loop, _ = make_loop(clock, worker, robot=robot)
     loop.run(duration_s=1.0)
     assert worker.sent and worker.sent[0].at >= ready_at
+
+
+def test_each_observation_carries_the_time_until_the_robot_would_run_out_of_actions():
+    clock = FakeClock()
+    t0 = clock()
+    worker = ScriptedWorker(clock, latency_s=0.05, timeout_s=0.5)
+    loop, _ = make_loop(clock, worker)
+    late = {"done": False}
+
+    def sleep(seconds):
+        clock.sleep(seconds)
+        if not late["done"] and clock() >= t0 + 12 * PERIOD - 1e-9:
+            late["done"] = True
+            clock.sleep(0.005)  # tick 12 starts 5 ms late
+
+    loop.sleep = sleep
+    loop.run(duration_s=1.0)
+
+    first, second = worker.sent[:2]
+    # Before the first chunk nothing is executing: the budget is the wait for an answer.
+    assert first.request.tick == 0 and first.time_to_starvation_ms == pytest.approx(500.0)
+    # The 16-row chunk answered in 50 ms runs at ticks 2..17; with 2 ticks of latency + 3 of margin
+    # the next request goes out at tick 12, with ticks 13..17 planned: 5 actions after this tick's.
+    # The robot executes tick 12's action until tick 13 and the last until tick 18, where it
+    # starves; an answer merged there still runs: 6 periods from tick 12's start, counted from
+    # the moment the observation is sent, 5 ms into that tick.
+    assert second.request.tick == 12 and len(second.request.prefix) == 5
+    assert second.at == pytest.approx(t0 + 12 * PERIOD + 0.005)
+    assert second.time_to_starvation_ms == pytest.approx(6 * PERIOD * 1e3 - 5.0)
+    for sent in worker.sent[2:]:  # on schedule from here on
+        assert sent.time_to_starvation_ms == pytest.approx((len(sent.request.prefix) + 1) * PERIOD * 1e3)
+
+
+def test_while_the_robot_stands_still_the_budget_is_the_wait_for_an_answer():
+    clock = FakeClock()
+    t0 = clock()
+    worker = ScriptedWorker(clock, latency_s=0.05, timeout_s=0.4, outages=[(t0 + 1.0, t0 + 2.0)])
+    loop, _ = make_loop(clock, worker, watchdog_timeout_s=0.1)
+    loop.run(duration_s=3.0)
+
+    kind = {r.tick: r.kind for r in loop.trace}
+    standing = [s for s in worker.sent if kind[s.request.tick] != "act"]
+    assert len(standing) > 5  # every retry during the outage, and the first request
+    assert all(s.time_to_starvation_ms == pytest.approx(400.0) for s in standing)
+    moving = [s for s in worker.sent if kind[s.request.tick] == "act"]
+    assert all(s.time_to_starvation_ms == pytest.approx((len(s.request.prefix) + 1) * PERIOD * 1e3) for s in moving)
+
+
+def test_an_observation_the_server_dropped_is_not_a_gap_the_plan_runs_on_and_the_next_one_goes_out(caplog):
+    clock = FakeClock()
+    dropped = ObservationDropped(
+        "observation dropped by the server: time to starvation 5 ms is shorter than the next pass (DEADLINE_EXCEEDED)"
+    )
+    worker = ScriptedWorker(clock, latency_s=0.05, errors={2: dropped})
+    loop, _ = make_loop(clock, worker)
+    with caplog.at_level(logging.WARNING, logger="robot_client"):
+        stats = loop.run(duration_s=1.5)
+
+    assert stats.server_drops == 1 and not stats.failures and stats.summary()["server_drops"] == 1
+    assert loop.executor.epoch == 0  # no new connection epoch: answers in flight stay good
+    assert "dropped by the server: time to starvation 5 ms" in caplog.text and "reconnecting" not in caplog.text
+    r1, r2, r3 = (s.request for s in worker.sent[:3])
+    assert r3.tick == r2.tick + 1  # the drop came back within the tick; the next tick asked again
+    # The robot kept executing the first chunk, then the third: no stall, nothing from the dropped one.
+    executed = [(r.tick, r.request_id) for r in loop.trace if r.kind == "act"]
+    assert stats.starved == 0 and stats.holds == 0
+    assert r2.request_id not in {rid for _, rid in executed}
+    switch = next(t for t, rid in executed if rid == r3.request_id)
+    assert all(rid == r1.request_id for t, rid in executed if t < switch) and switch <= r3.tick + 3
+    assert "server_drops=1" in stats.line()

@@ -7,6 +7,8 @@ the real Serve app is in test_robot_client_serve.py.
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from collections import Counter
@@ -18,17 +20,24 @@ import pytest
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
+from robot_client.chunk_executor import ChunkRequest
+from robot_client.control_loop import ControlLoop, LoopConfig
 from robot_client.errors import (
     AuthenticationFailed,
     IncompatibleServer,
     InvalidChunk,
+    ObservationDropped,
     ObservationRejected,
     ServerUnavailable,
 )
+from robot_client.inference_worker import InferenceWorker
 from robot_client.policy_client import PolicyClient
 from robot_client.robot import Observation
 from tests.conftest import free_port
 from tests.payloads import frame
+from tests.robot_client_fixtures import FakeClock, small_robot
+
+DROP_REASON = "time to starvation 4 ms is shorter than the next pass (38 ms): dropped before the forward pass"
 
 
 class FakePolicy(pb_grpc.RobotPolicyServiceServicer):
@@ -38,6 +47,7 @@ class FakePolicy(pb_grpc.RobotPolicyServiceServicer):
         self.requests: list[pb.ObservationRequest] = []
         self.behaviour = "ok"  # ok | reject | unauth | hang | nan
         self.chunk_length = 8
+        self.drop: set[int] = set()  # unary calls / stream messages (1-based) answered DEADLINE_EXCEEDED, unanswered
         self.release = threading.Event()
 
     def _key(self, context):
@@ -77,6 +87,9 @@ class FakePolicy(pb_grpc.RobotPolicyServiceServicer):
         self._key(context)
         if self.behaviour == "reject":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "robot_state: 40 values but the model takes at most 32")
+        if self.calls["unary"] in self.drop:
+            self.requests.append(request)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, DROP_REASON)
         return self._answer(request)
 
     def StreamActionChunks(self, request_iterator, context):
@@ -89,6 +102,14 @@ class FakePolicy(pb_grpc.RobotPolicyServiceServicer):
                     request_id=request.request_id,
                     error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                     error_message="camera 0: 12 bytes labelled 'jpeg' are not a JPEG or PNG image",
+                )
+                continue
+            if self.calls["stream_message"] in self.drop:
+                self.requests.append(request)
+                yield pb.ActionChunkResponse(
+                    request_id=request.request_id,
+                    error_code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+                    error_message=DROP_REASON,
                 )
                 continue
             yield self._answer(request)
@@ -167,6 +188,72 @@ def test_a_rejected_observation_is_not_retried_and_says_why(server, mode):
         client.close()
 
 
+def test_time_to_starvation_goes_on_the_wire_only_when_given(server):
+    client = client_for(server)
+    try:
+        client.get_action_chunk(observation(), "pick")
+        client.infer(client.build_request(observation(), "pick", time_to_starvation_ms=120.5))
+        plain, given = server.policy.requests[-2:]
+        assert plain.time_to_starvation_ms == 0.0 and b"\xa5\x06" not in plain.SerializeToString()  # field 100
+        assert given.time_to_starvation_ms == pytest.approx(120.5)
+        with pytest.raises(ValueError, match="time to starvation must be >= 0 ms"):
+            client.build_request(observation(), "pick", time_to_starvation_ms=-1.0)
+    finally:
+        client.close()
+
+
+def test_the_inference_worker_sends_the_budget_left_at_the_moment_of_sending(server):
+    client = client_for(server)
+    clock = FakeClock()
+    worker = InferenceWorker(client, "pick", timeout_s=0.25, clock=clock)
+    worker.start()
+    try:
+        for n, starves_at in enumerate((clock() + 0.1, None, clock() - 0.01)):
+            request = ChunkRequest(f"w{n}", tick=0, epoch=0, sent_at=clock(), prefix=np.zeros((0, 4)), delay=0)
+            worker.submit(request, observation(), None, 0, starves_at=starves_at)
+            deadline = time.monotonic() + 5
+            while not (results := worker.poll()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert results and results[0].error is None
+        sent = [r.time_to_starvation_ms for r in server.policy.requests]
+        # Until starvation; the call's deadline when nothing is executing; spent: tiny, never 0 (= none).
+        assert sent == [pytest.approx(100.0), pytest.approx(250.0), pytest.approx(1e-3)]
+    finally:
+        worker.close()
+        client.close()
+
+
+def test_the_loop_rides_out_an_in_band_drop_on_the_same_stream_and_uses_the_next_chunk(server, caplog):
+    server.policy.drop = {2}
+    client = client_for(server, mode="stream")
+    robot = small_robot(time.monotonic)
+    config = LoopConfig(prompt="pick", control_frequency=30, max_chunk_age_s=1.0, stats_interval_s=1e9)
+    try:
+        loop = ControlLoop.connect(robot, client, config, ready_timeout_s=5)
+        health = server.policy.calls["health"]
+        with caplog.at_level(logging.WARNING, logger="robot_client"):
+            stats = loop.run(duration_s=1.5)
+    finally:
+        client.close()
+
+    first, dropped, after = (r.request_id for r in server.policy.requests[:3])
+    assert stats.server_drops == 1 and not stats.failures
+    assert server.policy.calls["stream"] == 1 and server.policy.calls["health"] == health  # no reconnect
+    assert client.epoch == 0 and loop.executor.epoch == 0
+    assert f"dropped by the server: {DROP_REASON}" in caplog.text and "reconnecting" not in caplog.text
+    # The robot kept executing the first chunk, not a tick without an action, until the one after
+    # the drop took over (ticks a loaded machine skipped are skipped on the plan too: not in the trace).
+    trace = list(loop.trace)
+    start = next(i for i, r in enumerate(trace) if r.kind == "act")
+    switch = next(i for i, r in enumerate(trace) if r.request_id == after)
+    assert {(r.kind, r.request_id) for r in trace[start:switch]} == {("act", first)}
+    assert dropped not in {r.request_id for r in trace}
+    # On the wire: the first asked with the wait budget (nothing executing yet), the next two, sent
+    # while the first chunk ran, until it would run out (at most its 8 rows' worth).
+    ttl = [r.time_to_starvation_ms for r in server.policy.requests[:3]]
+    assert ttl[0] == pytest.approx(1000.0) and all(0 < t <= 8 / 30 * 1e3 + 1e-3 for t in ttl[1:])
+
+
 def test_a_wrong_key_is_not_retried(server):
     client = client_for(server, api_key="wrong")
     try:
@@ -197,10 +284,21 @@ def test_an_old_stream_is_renewed_between_requests_without_a_gap(server):
 
 
 @pytest.mark.parametrize("mode", ["unary", "stream"])
-def test_a_hung_server_hits_the_deadline_and_the_stream_is_replaced(server, mode):
+def test_the_servers_deadline_exceeded_is_a_drop_but_a_hung_server_is_a_gap_and_the_stream_replaced(server, mode):
     client = client_for(server, mode=mode)
     try:
         client.get_action_chunk(observation(), "pick")
+        # The server answers, in time, that it dropped the observation: the connection is fine.
+        server.policy.drop = {2}
+        health = server.policy.calls["health"]
+        with pytest.raises(ObservationDropped, match=re.escape(f"dropped by the server: {DROP_REASON}")) as caught:
+            client.infer(client.build_request(observation(), "pick", time_to_starvation_ms=4.0), timeout_s=2.0)
+        assert not caught.value.transient
+        assert client.epoch == 0 and client.backoff.failures == 0 and client.retry_delay() == 0
+        client.get_action_chunk(observation(), "pick")
+        assert server.policy.calls["health"] == health  # no reconnect, no spec re-read
+        assert server.policy.calls["stream"] == (1 if mode == "stream" else 0)  # the same stream carried all
+        # No answer within our own deadline is another matter: a gap.
         server.policy.behaviour = "hang"
         started = time.monotonic()
         with pytest.raises(ServerUnavailable, match="did not answer within 0.30 s"):

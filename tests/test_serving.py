@@ -119,6 +119,33 @@ def test_a_bad_message_in_a_stream_is_answered_in_band_and_the_stream_goes_on(st
     assert responses[0].error_code == responses[2].error_code == 0 and len(responses[2].action_chunk) == 16
 
 
+def test_an_observation_past_its_deadline_is_dropped_in_band_and_the_stream_goes_on(stub):
+    late = observation(request_id="late")
+    late.time_to_starvation_ms = 1e-6  # the robot starves before any pass could end
+    soon = observation(request_id="soon")
+    soon.time_to_starvation_ms = 60_000
+    requests = [observation(request_id="a"), late, soon]
+    responses = list(stub.StreamActionChunks(iter(requests), timeout=30))
+    assert [r.request_id for r in responses] == ["a", "late", "soon"]
+    assert responses[1].error_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and not responses[1].action_chunk
+    assert "dropped before the forward pass" in responses[1].error_message
+    assert responses[0].error_code == responses[2].error_code == 0 and len(responses[2].action_chunk) == 16
+
+
+def test_a_unary_call_past_its_deadline_gets_deadline_exceeded_and_a_bad_one_invalid_argument(stub):
+    request = observation()
+    request.time_to_starvation_ms = 1e-6
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetActionChunk(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "dropped before the forward pass" in err.value.details()
+    request.time_to_starvation_ms = float("nan")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetActionChunk(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "time_to_starvation_ms" in err.value.details()
+    assert len(stub.GetActionChunk(observation(), timeout=30).action_chunk) == 16
+
+
 def _truncated(r):
     r.images[0].image_data = r.images[0].image_data[: len(r.images[0].image_data) // 2]
 

@@ -18,7 +18,8 @@ from typing import Protocol
 import numpy as np
 
 from serve_app.checkpoint import Checkpoint, CheckpointError, check_weights_match, read_weight_shapes
-from serve_app.observation import InputSpec, ObservationBatch
+from policy_wire.input_spec import InputSpec
+from serve_app.observation import ObservationBatch
 
 POLICY_TYPES = {
     "visuomotor_chunk": "serve_app.policies.visuomotor_chunk",
@@ -30,7 +31,7 @@ class Policy(Protocol):
     spec: InputSpec
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
-        """(B, chunk_length, action_dim) float32 actions in the robot's units."""
+        """(B, chunk_length, action_dim) float32 actions in the robot's units (prefix rows: serve_app.rtc)."""
         ...
 
 

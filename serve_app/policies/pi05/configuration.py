@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.checkpoint import Checkpoint, CheckpointError
-from serve_app.observation import InputSpec
+from policy_wire.input_spec import InputSpec
 
 POLICY_TYPE = "pi05"
 NORM_MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILE")

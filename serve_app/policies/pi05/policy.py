@@ -4,7 +4,7 @@
       -> normalise state, build prompt ("Task: ..., State: ...;\\n"), tokenize
       -> VLM prefix pass once per batch (KV cache)
       -> num_steps Euler steps of the action expert, batched across robots
-      -> unnormalise, delta -> absolute where configured, pin the RTC prefix rows
+      -> unnormalise, delta -> absolute where configured (serve_app.rtc pins the RTC prefix rows afterwards)
       -> (B, chunk_size, action_dim) float32
 
 Dtypes: float32 on CPU; bfloat16 on CUDA with SigLIP's patch and position
@@ -90,10 +90,7 @@ class Pi05Policy:
 
         actions = self.model.sample_actions(cache, prefix_pad, noise, action_prefix, delay)[..., : c.action_dim]
         actions = self._to_absolute(self.normalizer.unnormalize_actions(actions), state)
-        out = actions.float().cpu().numpy()
-        for i, d in enumerate(batch.delay):  # the robot executes these rows while we compute: return them as sent
-            out[i, :d] = batch.prefix[i, :d]
-        return out
+        return actions.float().cpu().numpy()  # the prefix rows are pinned to what was sent by serve_app.rtc
 
     def _delta_index(self, device):
         amap = self.config.delta_action_state_map

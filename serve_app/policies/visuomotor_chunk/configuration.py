@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from serve_app.checkpoint import Checkpoint, CheckpointError
-from serve_app.observation import InputSpec
+from policy_wire.input_spec import InputSpec
 
 POLICY_TYPE = "visuomotor_chunk"
 

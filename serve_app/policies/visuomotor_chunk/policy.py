@@ -29,13 +29,7 @@ class VisuomotorChunk:
             ids.to(dev),
             offsets.to(dev),
         )
-        actions = self.net.unnormalize_actions(normalized).float().cpu().numpy()
-        # Real-time chunking: rows the robot executes while this request is in
-        # flight are already decided; the chunk must start with them.
-        for i, d in enumerate(batch.delay):
-            if d:
-                actions[i, :d] = batch.prefix[i, :d]
-        return actions
+        return self.net.unnormalize_actions(normalized).float().cpu().numpy()  # prefix rows: serve_app.rtc
 
 
 def expected_weights(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:

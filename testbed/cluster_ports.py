@@ -80,9 +80,9 @@ def keep_ray_on_loopback() -> None:
 
     Must run before this process imports Ray: it fails loudly, rather than let the cluster
     quietly take the machine's network address, if Ray was imported first."""
+    read_without_it = "ray" in sys.modules and any(os.environ.get(k) != v for k, v in LOOPBACK_ENV.items())
     os.environ.update(LOOPBACK_ENV)
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and constants.ENABLE_RAY_CLUSTER:
+    if read_without_it:  # Ray read the variable at import, before it was set
         raise RuntimeError("keep_ray_on_loopback() ran after this process imported Ray: a cluster started "
                            "here would bind this machine's network address; call it before importing ray")
 
