@@ -43,10 +43,12 @@ from robot_client.policy_client import PolicyClient
 from robot_client.replay_robot import ReplayRobot, synthetic_recording
 from serve_app.ingress import load_config, start_options, with_ingress
 from testbed.cluster_ports import free_port, keep_ray_on_loopback, private_ports_env
+from testbed.serve_rest import running_replicas
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 APP_NAME = "robot_policy"
+_cluster: dict[str, str] = {}  # start_app's cluster: its dashboard address
 HZ = 30.0
 HUNG_GRACE_S = 1.0
 logger = logging.getLogger("chaos_soak")
@@ -74,7 +76,10 @@ def start_app(replicas: int, ingress: str, autoscaling: dict | None = None, cpus
         deployment.pop("autoscaling_config", None)
     else:
         deployment["autoscaling_config"].update(autoscaling)
-    ray.init(num_cpus=cpus or max(4, replicas + 2), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # The dashboard serves Serve's REST API: which replicas run, and their pids (kill_replica).
+    context = ray.init(num_cpus=cpus or max(4, replicas + 2), include_dashboard=True, dashboard_port=free_port(),
+                       log_to_driver=False, configure_logging=False)
+    _cluster["dashboard"] = context.dashboard_url
     port = free_port()
     serve.start(**start_options(config, grpc_port=port, http_port=free_port(), http_host="127.0.0.1"))
     serve.run(application(app), name=app["name"], route_prefix=app.get("route_prefix", "/"))
@@ -83,18 +88,13 @@ def start_app(replicas: int, ingress: str, autoscaling: dict | None = None, cpus
 
 
 def replica_names() -> list[str]:
-    import ray
-
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#"))
+    """Ids of the app's RUNNING replicas (Serve's REST API on the cluster's dashboard)."""
+    return sorted(running_replicas(_cluster["dashboard"], APP_NAME))
 
 
 def kill_replica(name: str) -> int:
     """SIGKILL the replica's worker process (a crash, not a polite Ray kill); returns its pid."""
-    import ray
-
-    actor = ray.get_actor(name, namespace="serve")
-    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    pid = running_replicas(_cluster["dashboard"], APP_NAME)[name]["pid"]
     os.kill(pid, signal.SIGKILL)
     return pid
 

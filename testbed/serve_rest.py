@@ -2,6 +2,7 @@
 
     deploy(dashboard, app)        # one entry of serve_config.yaml's `applications`; waits for RUNNING
     serve_details(dashboard)      # GET /api/serve/applications/: apps, deployed configs, replicas
+    running_replicas(dashboard, app)  # {replica_id: {"pid", "actor_name", "state", ...}} of one app
 
 `dashboard` is the address `ray.init()` returns as `.dashboard_url` (the
 cluster must run its dashboard). Deploying a config, not `serve.run` of a
@@ -63,6 +64,13 @@ def call(dashboard: str, method: str = "GET", body: dict | None = None, timeout_
 def serve_details(dashboard: str) -> dict:
     """What Serve runs: per application its status, `deployed_app_config` and deployments with their replicas."""
     return call(dashboard)
+
+
+def running_replicas(dashboard: str, app: str) -> dict[str, dict]:
+    """The RUNNING replicas of one application, by replica id, with their pid and actor name (tests kill
+    replicas by pid to stage a crash)."""
+    deployments = (serve_details(dashboard)["applications"].get(app) or {}).get("deployments", {})
+    return {r["replica_id"]: r for d in deployments.values() for r in d["replicas"] if r["state"] == "RUNNING"}
 
 
 def deploy(dashboard: str, app: dict, timeout_s: float = 120.0) -> None:

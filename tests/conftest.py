@@ -170,6 +170,10 @@ class ServeHarness:
         self.logs_dir = Path(session_dir) / "logs"  # every process's log file of the session cluster
         self._current: str | None = None
 
+    def replicas(self) -> dict[str, dict]:
+        """The app's RUNNING replicas by replica id, with their pids (Serve's REST API)."""
+        return serve_rest.running_replicas(self.dashboard, APP_NAME)
+
     def deploy(self, args: dict | None = None, metadata=(), timeout_s: float = 120, **options) -> str:
         args = {"checkpoint": str(DEMO_CHECKPOINT), **(args or {})}
         options.setdefault("user_config", DEFAULT_USER_CONFIG)

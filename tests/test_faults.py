@@ -29,7 +29,7 @@ from robot_client.replay_robot import ReplayRobot, synthetic_recording
 from serve_app.checkpoint import open_checkpoint
 from serve_app.observation import ObservationBatch, parse_observation
 from serve_app.policies import load_policy
-from tests.conftest import APP_NAME, DEMO_CHECKPOINT, REPO_ROOT, wait_for_health
+from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, wait_for_health
 from tests.payloads import chunk_array, observation
 
 pytestmark = pytest.mark.serve
@@ -122,20 +122,6 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def replica_names() -> set[str]:
-    import ray
-
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")}
-
-
-def replica_pid(name: str) -> int:
-    import ray
-
-    actor = ray.get_actor(name, namespace="serve")
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-
-
 # --- a replica process killed under 8 streams ------------------------------------
 
 
@@ -175,22 +161,22 @@ def check_robot_rode_out_the_kill(r: Robot, stats, killed_at: float) -> tuple[fl
 
 def test_replica_process_killed_under_8_streams(serve_harness):
     address = serve_harness.deploy(**FAST_DRAIN)
-    (victim,) = replica_names()
+    (victim,) = serve_harness.replicas()
     before = wait_for_health(address).replica_id
     robots = [Robot.start(address, seed=i) for i in range(ROBOTS)]
     stats = []
     try:
         wait_until(lambda: all(len(r.robot.applied) >= HZ for r in robots), 30, "a second of motion on every robot")
         killed_at = time.monotonic()
-        os.kill(replica_pid(victim), signal.SIGKILL)  # the replica's worker process, mid-stream
+        os.kill(serve_harness.replicas()[victim]["pid"], signal.SIGKILL)  # the replica's worker process, mid-stream
         wait_until(lambda: all(r.loop.hold_times for r in robots), 10, "every robot to hold")
-        wait_until(lambda: replica_names() - {victim}, 60, "Serve to start a new replica")
+        wait_until(lambda: set(serve_harness.replicas()) - {victim}, 60, "Serve to start a new replica")
         wait_until(lambda: all(r.loop.stats.resumes >= 1 for r in robots), 60, "every robot to resume")
         time.sleep(1.0)
     finally:
         stats = [r.finish() for r in robots]
     after = wait_for_health(address)
-    assert after.replica_id != before and victim not in replica_names()
+    assert after.replica_id != before and victim not in serve_harness.replicas()
     measured = np.array([check_robot_rode_out_the_kill(r, s, killed_at) for r, s in zip(robots, stats)])
     failures = sum(sum(s.failures.values()) for s in stats)
     print(f"replica kill, {ROBOTS} streams: hold {measured[:, 0].max() * 1e3:.0f} ms past the watchdog deadline "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -182,19 +183,13 @@ def test_server_deleted_mid_run_holds_the_robot_and_resumes_after_redeploy(serve
 
 
 def test_replica_killed_mid_stream_holds_the_robot_and_resumes_when_serve_replaces_it(serve_harness, demo_app):
-    import ray
-
-    def replica_names():
-        actors = ray.util.list_named_actors(all_namespaces=True)
-        return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")}
-
-    (victim,) = replica_names()
+    ((victim, details),) = serve_harness.replicas().items()
     loop, robot, client, stop, thread, outcome = start_loop(demo_app, "stream")
     try:
         wait_until(lambda: len(robot.applied) >= HZ, 10, "a second of motion")
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        os.kill(details["pid"], signal.SIGKILL)  # the replica's worker process crashes mid-stream
         wait_until(lambda: loop.hold_times, 10, "the watchdog to hold the robot")
-        wait_until(lambda: replica_names() - {victim}, 60, "Serve to start a new replica")
+        wait_until(lambda: set(serve_harness.replicas()) - {victim}, 60, "Serve to start a new replica")
         back_at = time.monotonic()
         wait_until(lambda: loop.stats.resumes >= 1, 60, "the robot to resume")
         time.sleep(1.0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, listening_ports
 from tests.payloads import observation
 
 TLS_DIR = REPO_ROOT / "deploy" / "tls"
@@ -51,16 +50,16 @@ class TlsProxy:
         self._wait_listening(10)
 
     def _wait_listening(self, timeout_s: float) -> None:
-        host, port = self.address.rsplit(":", 1)
+        # Ask the OS whether nginx (start.sh's process tree) listens: a probe connect to a free
+        # ephemeral port can succeed against itself (TCP self-connect) before nginx is up.
+        port = int(self.address.rsplit(":", 1)[1])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"start.sh exited {self.process.returncode}: {self.log.read_text()}")
-            try:
-                socket.create_connection((host, int(port)), timeout=0.5).close()
+            if port in listening_ports(self.process.pid):
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise TimeoutError(f"nginx not listening on {self.address}: {self.log.read_text()}")
 
     def stop(self) -> None:
