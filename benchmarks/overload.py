@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks import model_throughput
 from benchmarks.robots import RobotLog, Scenario, play, summarize
-from benchmarks.run import RESULTS, environment
+from benchmarks.run import RESULTS, all_up, environment
 from benchmarks.servers import ResourceMeter, ServerUnderTest, ray_serve
 from scripts.make_demo_checkpoint import make_demo
 from testbed.cluster_ports import free_port
@@ -97,11 +97,7 @@ def measure(server: ServerUnderTest, scenario: Scenario) -> dict:
 
 
 def run(servers: dict[str, ServerUnderTest], work: Path, plan: Plan) -> dict:
-    try:
-        for server in servers.values():
-            print(f"starting {server.name} ...", flush=True)
-            server.start(work)
-            asyncio.run(play(server.address, Scenario(robots=4, mode="stream", loop="closed", seconds=plan.warmup_s)))
+    with all_up(list(servers.values()), work, plan.warmup_s):
         capacity = {}
         for robots in CAPACITY_ROBOTS:
             closed = Scenario(robots=robots, mode="stream", loop="closed", seconds=plan.capacity_s)
@@ -118,9 +114,6 @@ def run(servers: dict[str, ServerUnderTest], work: Path, plan: Plan) -> dict:
                                    "goodput_deadline_over_fifo": round(deadline / fifo, 2) if fifo else None}
             for name in SCHEDULING:
                 print_row(f"{load:g}x", name, rows[name])
-    finally:
-        for server in servers.values():
-            server.stop()
     return {"capacity": {"chunks_per_s": c, "by_robots": capacity}, "loads": loads}
 
 

@@ -21,6 +21,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -74,11 +75,7 @@ def run_side_by_side(servers: list, plan: list[Scenario], work: Path, warmup_s: 
     ratios stay meaningful. An idle server costs little (its meter shows it).
     """
     results = {s.name: {} for s in servers}
-    try:
-        for server in servers:
-            print(f"starting {server.name} ...", flush=True)
-            server.start(work)
-            asyncio.run(play(server.address, Scenario(robots=4, mode="stream", loop="closed", seconds=warmup_s)))
+    with all_up(servers, work, warmup_s):
         for scenario in plan:
             for server in servers:
                 meter = ResourceMeter(server)
@@ -88,10 +85,21 @@ def run_side_by_side(servers: list, plan: list[Scenario], work: Path, warmup_s: 
                 print(f"  {server.name:14s} {scenario.name:18s} {row['throughput_per_s']:8.1f}/s "
                       f"p50 {row['latency_ms']['p50']} p99 {row['latency_ms']['p99']} "
                       f"batch {row['batch_size']} err {row['errors']}", flush=True)
+    return results
+
+
+@contextmanager
+def all_up(servers: list, work: Path, warmup_s: float):
+    """Every server started and warmed up (4 closed-loop streams); every one stopped on the way out."""
+    try:
+        for server in servers:
+            print(f"starting {server.name} ...", flush=True)
+            server.start(work)
+            asyncio.run(play(server.address, Scenario(robots=4, mode="stream", loop="closed", seconds=warmup_s)))
+        yield
     finally:
         for server in servers:
             server.stop()
-    return results
 
 
 def targets(results: dict, model: dict) -> dict:

@@ -30,7 +30,6 @@ UNDATED_ORDER_S = 1.0
 EXPIRED = "expired"  # the deadline passed while the observation waited
 UNMEETABLE = "unmeetable"  # the next pass would end after the deadline
 CANCELLED = "cancelled"  # the caller went away (gRPC deadline, robot hung up)
-DROP_REASONS = (EXPIRED, UNMEETABLE, CANCELLED)
 
 
 def deadline_of(received_at: float, time_to_starvation_ms: float, call_time_remaining_s: float | None) -> float | None:
@@ -96,9 +95,6 @@ class DeadlineQueue:
     _heap: list = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)
 
-    def __len__(self) -> int:
-        return len(self._heap)
-
     def push(self, ticket: Ticket) -> None:
         ticket.seq = next(self._seq)
         heapq.heappush(self._heap, (self._key(ticket), ticket.seq, ticket))
@@ -123,9 +119,10 @@ class DeadlineQueue:
         while True:
             while self._heap and len(batch) < max_size:
                 ticket = heapq.heappop(self._heap)[2]
-                if ticket.cancelled or ticket.finished:
-                    if not ticket.finished:
-                        drops.append(Drop(ticket, CANCELLED, 0.0))
+                if ticket.finished:  # answered already (its trigger failed)
+                    continue
+                if ticket.cancelled:
+                    drops.append(Drop(ticket, CANCELLED, 0.0))
                 elif self.deadline_aware and ticket.deadline is not None and ticket.deadline <= now:
                     drops.append(Drop(ticket, EXPIRED, now - ticket.deadline))
                 else:

@@ -278,10 +278,6 @@ class Engine:
         if actions.shape != (1, spec.chunk_length, spec.action_dim) or not np.isfinite(actions).all():
             raise RuntimeError(f"health probe: policy returned {actions.shape} with non-finite values")
 
-    def close(self) -> None:
-        self._decode_pool.shutdown(wait=False)
-        self._device.shutdown(wait=False)
-
 
 def _wake(future: asyncio.Future, ticket: Ticket) -> None:
     if not future.done():

@@ -31,7 +31,7 @@ from serve_app.load import LoadMeter
 from serve_app.metrics import ReplicaMetrics
 from serve_app.policies import load_policy
 from serve_app.responses import ReplicaIdentity, chunk_response, error_response
-from serve_app.startup_log import announce, ready_line, replica_id
+from serve_app.startup_log import announce, in_replica, ready_line, replica_id
 from serve_app.wire_service import SERVICE_NAME, refuse_unreadable
 
 logger = logging.getLogger("ray.serve")
@@ -91,11 +91,12 @@ class RobotPolicyReplica:
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         self._device = assigned_device(self._gpu_ids, device)
         self._policy_type = ckpt.policy_type
+        in_serve = in_replica()  # False for the class built directly (unit tests)
         self._who = ReplicaIdentity(checkpoint_id=ckpt.checkpoint_id(), replica_id=replica_id())
         self._reports = ReplicaReports()
         self._engine = Engine(
             load_policy(ckpt, self._device),
-            trigger=ServeBatchTrigger if serve_context() else SerialTrigger,
+            trigger=ServeBatchTrigger if in_serve else SerialTrigger,
             listener=self._reports,
             limits=ImageLimits(max_pixels=max_image_pixels),
             decode_threads=decode_threads,
@@ -107,7 +108,7 @@ class RobotPolicyReplica:
         started = time.perf_counter()
         self._engine.warm_up()
         self._warmed_up = True
-        where = ready_line() if serve_context() else "ready (outside Serve)"
+        where = ready_line() if in_serve else "ready (outside Serve)"
         announce(f"warm-up forward passes done in {(time.perf_counter() - started) * 1e3:.0f} ms; {where}")
 
     # --- operator knobs -------------------------------------------------
@@ -216,14 +217,6 @@ class RobotPolicyReplica:
                 grpc.StatusCode.INTERNAL, f"inference failed on replica {self._who.replica_id}; see the server log"
             ) from None
         return chunk_response(request.request_id, result, self._who)
-
-
-def serve_context() -> bool:
-    try:
-        serve.get_replica_context()
-        return True
-    except Exception:  # noqa: BLE001 - constructed outside Serve (unit tests)
-        return False
 
 
 def _time_remaining(grpc_context) -> float | None:

@@ -31,8 +31,17 @@ def ready_line() -> str:
             "Ray dashboard on the head node's port 8265 (it asks for a token: `ray get-auth-token` prints it)")
 
 
+def in_replica() -> bool:
+    return _replica_context() is not None
+
+
 def replica_id() -> str:
+    context = _replica_context()
+    return context.replica_id.unique_id if context is not None else "local"
+
+
+def _replica_context():
     try:
-        return serve.get_replica_context().replica_id.unique_id
+        return serve.get_replica_context()
     except Exception:  # noqa: BLE001 - constructed outside Serve (unit tests, benchmarks)
-        return "local"
+        return None
