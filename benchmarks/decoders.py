@@ -18,7 +18,8 @@ from PIL import Image
 
 from benchmarks.robots import camera_jpeg
 from benchmarks.servers import REPO_ROOT
-from serve_app.images import decode_image, letterbox
+from serve_app.frames import Letterbox
+from serve_app.images import decode_image
 
 
 def per_call_us(fn, seconds: float = 1.5) -> float:
@@ -33,6 +34,7 @@ def per_call_us(fn, seconds: float = 1.5) -> float:
 def main() -> None:
     data = camera_jpeg(3)
     target = (96, 96)
+    letterbox = lambda frame, _target: Letterbox(target)(frame)
     candidates = {
         "pillow": lambda: letterbox(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), target),
         "pillow_draft": lambda: letterbox(_pillow_draft(data, target), target),

@@ -1,6 +1,6 @@
 """The model's own best batched throughput (forward passes alone, no serving), and the input path's.
 
-The input path (validate, decode two JPEG cameras, letterbox) is measured too:
+The input path (validate, decode two JPEG cameras, the policy's frame transform) is measured too:
 a server pays it once per observation whatever it batches, so it bounds
 serving throughput on a CPU box however cheap the model is.
 """
@@ -15,14 +15,15 @@ import torch
 
 from benchmarks.robots import robot_payload
 from serve_app.checkpoint import open_checkpoint
-from serve_app.observation import ObservationBatch, parse_observation
+from serve_app.observation import ObservationBatch
+from serve_app.parse import parse_observation
 from serve_app.policies import load_policy
 
 
 def measure(checkpoint: Path, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seconds: float = 2.0, torch_threads: int = 1) -> dict:
     with _torch_threads(torch_threads):
         policy = load_policy(open_checkpoint(checkpoint), "cpu")
-        observation = parse_observation(robot_payload(0), policy.spec)
+        observation = parse_observation(robot_payload(0), policy.spec, policy.frames)
         rows = {}
         for b in batch_sizes:
             batch = ObservationBatch.stack([observation] * b)
@@ -36,9 +37,9 @@ def measure(checkpoint: Path, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seconds: flo
 def input_path(checkpoint: Path, seconds: float = 2.0) -> dict:
     """Observations per second one thread can validate and decode (robot payload: two 224x224 JPEGs)."""
     with _torch_threads(1):
-        spec = load_policy(open_checkpoint(checkpoint), "cpu").spec
+        policy = load_policy(open_checkpoint(checkpoint), "cpu")
         request = robot_payload(0)
-        per_s = _rate(lambda: parse_observation(request, spec), seconds)
+        per_s = _rate(lambda: parse_observation(request, policy.spec, policy.frames), seconds)
     return {"observations_per_s": round(per_s, 1), "us_per_observation": round(1e6 / per_s, 1)}
 
 

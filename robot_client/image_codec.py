@@ -1,10 +1,13 @@
 """Camera frame (numpy or already-compressed bytes) -> CameraImage on the wire.
 
 Frames are shrunk to fit the resolution the server advertises before JPEG
-encoding: the server letterboxes every frame to that size anyway, so sending
-more pixels only costs bandwidth and encode time on the robot. The aspect
-ratio is kept (fit, not stretch) so that the server's letterbox of our small
-frame is the same image as its letterbox of the full one.
+encoding: the server resizes every frame to that size anyway (each policy its
+own way, serve_app/frames.py), so sending more pixels only costs bandwidth and
+encode time on the robot. The aspect ratio is kept (fit, not stretch): every
+policy's resize depends on the frame's aspect alone, so the server places our
+small frame where it would have placed the full one. The pixels are those of
+one more resize and of JPEG; a robot whose frames must reach the model exactly
+as in training sends them uncompressed at full size (CameraImage raw).
 
 Frames that are already JPEG or PNG (a camera driver's compressed stream)
 go through untouched: decoding and re-encoding would cost robot CPU and add a

@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server.max_send_message_length_mb", dest="max_send_mb", type=float, default=None,
                         help="accepted for OpenTau compatibility; Serve has one limit for both directions")
     parser.add_argument("--policy.pretrained_path", dest="pretrained_path", default=None)
+    parser.add_argument(
+        "--preprocessing", default=None,
+        help="camera frame transform (serve_config.yaml args.preprocessing): 'training' (the default: as the "
+             "policy was trained), or for pi05 'opentau_server' (OpenTau's server's stretch)",
+    )
     parser.add_argument("--serve_config", type=Path, default=REPO_ROOT / "serve_config.yaml")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--no_dashboard", action="store_true", help="start the local cluster without Ray's dashboard")
@@ -59,6 +64,8 @@ def launch_plan(args: argparse.Namespace) -> dict[str, Any]:
     config["grpc_options"]["port"] = args.port or server.get("port") or config["grpc_options"]["port"]
     app = config["applications"][0]
     app["args"]["checkpoint"] = checkpoint_path
+    if args.preprocessing:
+        app["args"]["preprocessing"] = args.preprocessing
     if args.pretrained_path:
         app["args"]["pretrained_path"] = str(Path(args.pretrained_path).expanduser().resolve())
     deployment = app["deployments"][0]

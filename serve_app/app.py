@@ -75,5 +75,5 @@ def replica_args(args: dict[str, Any]) -> dict[str, Any]:
     if "checkpoint" not in args:
         raise ValueError("serve_app: args.checkpoint is required (a checkpoint directory or its train_config.json)")
     args["checkpoint"] = resolve_checkpoint(args["checkpoint"])
-    verify_checkpoint(open_checkpoint(args["checkpoint"], args.get("pretrained_path")))
+    verify_checkpoint(open_checkpoint(args["checkpoint"], args.get("pretrained_path")), args.get("preprocessing"))
     return args

@@ -7,11 +7,13 @@ There is no fallback to random weights anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from serve_app.checkpoint_id import checkpoint_id
 
 CONFIG_NAME = "train_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -54,12 +56,9 @@ class Checkpoint:
         return value
 
     def checkpoint_id(self) -> str:
-        """First 16 hex digits of the SHA-256 of model.safetensors."""
-        digest = hashlib.sha256()
-        with self.weights_path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        return digest.hexdigest()[:16]
+        """First 16 hex digits of the SHA-256 of model.safetensors, hashed once per file version
+        (serve_app/checkpoint_id.py says why a cached id is safe)."""
+        return checkpoint_id(self.weights_path)
 
 
 def open_checkpoint(path: str | Path, pretrained_path: str | Path | None = None) -> Checkpoint:
@@ -143,13 +142,98 @@ def check_weights_match(
         raise CheckpointError(f"{weights_path}: does not match policy {policy_type!r}: " + "; ".join(problems))
 
 
-def load_weights_strict(module, weights_path: Path, policy_type: str) -> None:
-    """Load model.safetensors into `module`, refusing any missing, extra or misshapen tensor."""
-    from safetensors.torch import load_file
+# Mapped file pages a load may hold at once: the mapping is dropped (and its pages leave the process's
+# resident set) every STREAM_WINDOW bytes, so host memory is the target tensors plus this, never the file too.
+STREAM_WINDOW = 32 << 20
+_ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def load_weights_strict(
+    module,
+    weights_path: Path,
+    policy_type: str,
+    device="cpu",
+    dtypes: Callable[[str], Any] | None = None,
+) -> None:
+    """Stream model.safetensors into `module`, refusing any missing, extra or misshapen tensor.
+
+    Names and shapes are checked from the header before anything is allocated.
+    `module` may be on meta: each parameter and buffer is then allocated once,
+    on `device` and in `dtypes(name)` (floating tensors; None keeps the
+    module's dtype), and filled from the file a slice at a time. Tied tensors
+    stay tied. Host memory: the tensors themselves when `device` is the CPU,
+    plus STREAM_WINDOW of the file.
+    """
+    import torch
+    from safetensors import SafetensorError
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     check_weights_match(expected, read_weight_shapes(weights_path), weights_path, policy_type)
-    module.load_state_dict(load_file(str(weights_path)), strict=True)
+    targets = _materialise(module, torch.device(device), dtypes, persistent=expected.keys())
+    try:
+        for window in _windows(weights_path):
+            with _open_weights(weights_path) as f, torch.no_grad():
+                for name, rows in window:
+                    if rows is None:  # a 0-d tensor
+                        targets[name].copy_(f.get_tensor(name))
+                    else:
+                        targets[name][rows].copy_(f.get_slice(name)[rows])
+    except SafetensorError as exc:  # a truncated or corrupt file, found while reading it
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+
+
+def _materialise(module, device, dtypes, persistent) -> dict[str, Any]:
+    """Give every parameter and buffer of `module` its storage on `device`: {state-dict name: tensor}."""
+    import torch
+    from torch import nn
+
+    made: dict[int, torch.Tensor] = {}  # id(old) -> new, so that a tensor two names share stays shared
+    targets = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, old in named:
+        new = made.get(id(old))
+        if new is None:
+            dtype = old.dtype
+            if dtypes is not None and old.is_floating_point():
+                dtype = dtypes(name) or old.dtype
+            if name not in persistent:
+                new = old.to(device)  # a buffer the file does not hold (on meta: an error, as it should be)
+            elif old.device == device and old.dtype == dtype:
+                new = old  # already in place (a module built on the CPU): filled where it is
+            else:
+                new = torch.empty(old.shape, dtype=dtype, device=device)
+                if isinstance(old, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+            made[id(old)] = new
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, new)
+        targets[name] = new
+    return targets
+
+
+def _windows(weights_path: Path) -> list[list[tuple[str, Any]]]:
+    """(name, row slice) pieces in groups of at most STREAM_WINDOW bytes (a piece is at least one row)."""
+    windows, current, size = [], [], 0
+    with _open_weights(weights_path) as f:
+        for name in f.keys():
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            row_bytes = _ITEM_BYTES.get(part.get_dtype(), 1) * math.prod(shape[1:])
+            step = max(1, STREAM_WINDOW // max(row_bytes, 1))
+            for start in range(0, shape[0], step) if shape else (None,):
+                rows = None if start is None else slice(start, min(start + step, shape[0]))
+                current.append((name, rows))
+                size += row_bytes * (rows.stop - rows.start) if rows else row_bytes
+                if size >= STREAM_WINDOW:
+                    windows.append(current)
+                    current, size = [], 0
+    return windows + [current] if current else windows
+
+
+def _open_weights(weights_path: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(weights_path), framework="pt")
 
 
 def _kind_name(kind) -> str:

@@ -14,6 +14,13 @@ def assigned_device(gpu_ids: list[str], requested: str = "auto") -> str:
     return "cpu"
 
 
+def device_responds(device: torch.device | str) -> None:
+    """A one-element op on the device and back (microseconds): raises if the device is lost."""
+    value = torch.ones(1, device=device).add_(1).item()
+    if value != 2.0:
+        raise RuntimeError(f"device {device} computed 1 + 1 = {value}")
+
+
 def memory_gb(device: str) -> tuple[float, float]:
     """(used, total) GiB of the whole device, not just this process's tensors."""
     if not device.startswith("cuda"):

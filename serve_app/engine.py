@@ -40,9 +40,11 @@ import grpc
 import numpy as np
 
 from serve_app.deadlines import CANCELLED, EXPIRED, DeadlineQueue, Drop, PassClock, Ticket
+from serve_app.device import device_responds
 from serve_app.errors import RequestError
 from serve_app.images import ImageLimits
-from serve_app.observation import Observation, ObservationBatch, decode_cost, parse_observation
+from serve_app.observation import Observation, ObservationBatch
+from serve_app.parse import decode_cost, parse_observation
 from serve_app.policies import Policy
 from serve_app.responses import ChunkResult
 from serve_app.rtc import pin_prefix
@@ -50,6 +52,7 @@ from serve_app.rtc import pin_prefix
 logger = logging.getLogger("ray.serve")
 
 SCHEDULINGS = ("deadline", "fifo")
+FAILED_PASSES_UNHEALTHY = 3  # consecutive failed forward passes that make the replica report unhealthy
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class Engine:
         self._settings = settings
         self._queue = DeadlineQueue(deadline_aware=settings.scheduling == "deadline")
         self._pass_clock = PassClock()
+        self._failed_passes, self._last_failure = 0, None
         self._trigger = trigger(self._run_pass, settings)
 
     @property
@@ -181,9 +185,9 @@ class Engine:
 
     async def decode(self, request) -> Observation:
         if len(request.images) <= self.spec.num_cameras and decode_cost(request) <= self._inline_decode_max_pixels:
-            return parse_observation(request, self.spec, self._limits)
+            return parse_observation(request, self.spec, self.policy.frames, self._limits)
         return await asyncio.get_running_loop().run_in_executor(
-            self._decode_pool, parse_observation, request, self.spec, self._limits
+            self._decode_pool, parse_observation, request, self.spec, self.policy.frames, self._limits
         )
 
     def _pull(self, ticket: Ticket) -> None:
@@ -215,9 +219,11 @@ class Engine:
                     self._device, self._forward, [t.observation for t in batch]
                 )
             except Exception as exc:  # noqa: BLE001 - every member must hear about it
+                self._failed_passes, self._last_failure = self._failed_passes + 1, exc
                 for ticket in batch:
                     ticket.finish(exc)
             else:
+                self._failed_passes = 0
                 self._pass_clock.record(len(batch), seconds)
                 inference_ms = seconds * 1e3
                 for ticket, chunk in zip(batch, actions):
@@ -232,6 +238,8 @@ class Engine:
         started = self._clock()
         batch = ObservationBatch.stack(observations)
         actions = pin_prefix(self.policy.predict(batch), batch)
+        if not np.isfinite(actions).all():  # never a NaN to a motor
+            raise RuntimeError(f"the policy returned non-finite actions for a pass of {len(observations)}")
         return started, self._clock() - started, actions
 
     def _drop(self, drops: list[Drop], now: float) -> None:
@@ -262,19 +270,33 @@ class Engine:
     # --- health ------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Two blank passes on the device (the first pays for lazy initialisation); time the second."""
+        """Two blank passes on the device (the first pays for lazy initialisation); time the second.
+
+        A policy with its own warm_up (pi05 on CUDA: one graph capture per batch bucket) runs it first,
+        so that no robot's request pays for a capture."""
+        own = getattr(self.policy, "warm_up", None)
+        if callable(own):
+            own()
         self.probe()
         started = self._clock()
         self.probe()
         self._pass_clock.record(1, self._clock() - started)
 
     async def check(self) -> None:
-        """A real forward pass on the device thread, queued behind robots' passes; raises if it fails."""
-        await asyncio.get_running_loop().run_in_executor(self._device, self.probe)
+        """Serve's health probe, with no forward pass (a probe pass every 10 s would stall every robot here).
+
+        Unhealthy when the last FAILED_PASSES_UNHEALTHY passes all failed. Then a no-op
+        on the device thread, between passes: a wedged device hangs it, and Ray's
+        health_check_timeout_s replaces the replica; and a one-element op on the
+        device: a lost GPU raises.
+        """
+        if self._failed_passes >= FAILED_PASSES_UNHEALTHY:
+            raise RuntimeError(f"the last {self._failed_passes} forward passes failed; last: {self._last_failure!r}")
+        await asyncio.get_running_loop().run_in_executor(self._device, device_responds, self.policy.device)
 
     def probe(self) -> None:
         spec = self.spec
-        actions = self.policy.predict(ObservationBatch.stack([Observation.blank(spec)]))
+        actions = self.policy.predict(ObservationBatch.stack([Observation.blank(spec, self.policy.frames.dtype)]))
         if actions.shape != (1, spec.chunk_length, spec.action_dim) or not np.isfinite(actions).all():
             raise RuntimeError(f"health probe: policy returned {actions.shape} with non-finite values")
 

@@ -1,4 +1,6 @@
-"""Camera bytes -> uint8 RGB frame at the model's resolution.
+"""Camera bytes -> an RGB frame as sent (uint8, or float32 in [0, 1] for OpenTau's raw layout).
+
+The policy's own transform (serve_app/frames.py) then brings it to the model's size.
 
 Decoding is bounded before any pixel is allocated: the header's size is
 checked against `max_pixels`, so a decompression bomb costs a few hundred
@@ -13,8 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from serve_app.errors import invalid
@@ -23,6 +23,7 @@ COMPRESSED_ENCODINGS = frozenset({"jpeg", "jpg", "png"})
 RAW_ENCODING = "raw"
 JPEG_SOI = b"\xff\xd8"
 ACCEPTED_ENCODINGS = "jpeg, jpg, png, raw"
+RAW_FLOAT_SLACK = 1e-3  # float32 [0, 1] frames slightly outside from rounding are clipped, not refused
 # Pillow's own bomb guard would only warn below twice its limit; ours is the one that acts.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -44,7 +45,7 @@ def decode_image(
     target_hw: tuple[int, int] | None = None,
     limits: ImageLimits = ImageLimits(),
 ) -> np.ndarray:
-    """Decode one camera frame to uint8 HWC RGB.
+    """Decode one camera frame to HWC RGB: uint8, or float32 in [0, 1] for raw frames without width/height.
 
     `target_hw` is a hint: JPEG decoding may downscale by a power of two in the
     DCT (much cheaper than decoding full size) while staying at least that big.
@@ -160,28 +161,12 @@ def _decode_raw_float(data, where, limits) -> np.ndarray:
     values = np.frombuffer(data, dtype="<f4").reshape(side, side, 3)
     if not np.isfinite(values).all():
         raise invalid(f"{where}: raw float32 frame contains NaN or infinity")
-    return (np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def letterbox(frame: np.ndarray, target_hw: tuple[int, int]) -> np.ndarray:
-    """Resize keeping the aspect ratio, centred on black padding (as training did).
-
-    The filter is antialiased bilinear, Pillow's BILINEAR to within one grey level,
-    through torch's uint8 kernel: 66 us against Pillow's 110 us for 112x112 -> 96x96
-    on the 2-core dev box; the resize was the replica's top per-frame cost.
-    """
-    th, tw = target_hw
-    h, w = frame.shape[:2]
-    if (h, w) == (th, tw):
-        return frame
-    scale = min(th / h, tw / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if not frame.flags.writeable:  # frames viewed straight from request bytes; torch wants to own a writable one
-        frame = frame.copy()
-    chw = torch.from_numpy(frame).permute(2, 0, 1).unsqueeze(0)  # a view: NCHW over HWC memory
-    resized = F.interpolate(chw, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    out = np.zeros((th, tw, 3), dtype=np.uint8)
-    top, left = (th - nh) // 2, (tw - nw) // 2
-    # torch's transposing copy back to HWC is 2x numpy's here.
-    torch.from_numpy(out)[top : top + nh, left : left + nw].copy_(resized[0].permute(1, 2, 0))
-    return out
+    low, high = float(values.min()), float(values.max())
+    if low < -RAW_FLOAT_SLACK or high > 1.0 + RAW_FLOAT_SLACK:
+        # OpenTau's own client sends 0..255 floats in raw mode; clipping would make them white, silently.
+        raise invalid(
+            f"{where}: raw float32 frame values span {low:g}..{high:g}; they must be in [0, 1] "
+            "(divide 0..255 values by 255, or send uint8 frames with width and height)"
+        )
+    # Kept float: a policy trained on float frames sees them unrounded (serve_app/frames.py).
+    return np.clip(values, 0.0, 1.0)

@@ -83,6 +83,7 @@ class RobotPolicyReplica:
         inline_decode_max_pixels: int = 2 * 640 * 480,
         torch_threads: int | None = None,
         max_image_pixels: int = ImageLimits.max_pixels,
+        preprocessing: str | None = None,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -95,7 +96,7 @@ class RobotPolicyReplica:
         self._who = ReplicaIdentity(checkpoint_id=ckpt.checkpoint_id(), replica_id=replica_id())
         self._reports = ReplicaReports()
         self._engine = Engine(
-            load_policy(ckpt, self._device),
+            load_policy(ckpt, self._device, preprocessing),
             trigger=ServeBatchTrigger if in_serve else SerialTrigger,
             listener=self._reports,
             limits=ImageLimits(max_pixels=max_image_pixels),

@@ -46,7 +46,7 @@ class RandomAgent:
 
 
 class CheckpointAgent:
-    """A checkpoint run in-process through the server's own input path (JPEG, parse, letterbox, predict)."""
+    """A checkpoint run in-process through the server's own input path (JPEG, parse, the policy's frame transform, predict)."""
 
     def __init__(self, path, prompt: str = "reach the red ball", replan_every: int = 16):
         from serve_app.checkpoint import open_checkpoint
@@ -58,7 +58,8 @@ class CheckpointAgent:
     def chunk(self, scene: ReacherScene) -> np.ndarray:
         from policy_wire import robot_inference_pb2 as pb
         from robot_client.image_codec import encode_camera
-        from serve_app.observation import ObservationBatch, parse_observation
+        from serve_app.observation import ObservationBatch
+        from serve_app.parse import parse_observation
 
         spec = self.policy.spec
         request = pb.ObservationRequest(
@@ -66,7 +67,7 @@ class CheckpointAgent:
             robot_state=pb.RobotState(state=scene.policy_state().tolist()),
             prompt=self.prompt,
         )
-        batch = ObservationBatch.stack([parse_observation(request, spec)])
+        batch = ObservationBatch.stack([parse_observation(request, spec, self.policy.frames)])
         return self.policy.predict(batch)[0]
 
 

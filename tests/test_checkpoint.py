@@ -104,3 +104,68 @@ def test_the_app_refuses_to_build_on_a_bad_checkpoint(ckpt):
         build_app({"checkpoint": str(ckpt)})
     with pytest.raises(ValueError, match="unknown args"):
         build_app({"checkpoint": str(ckpt), "api_kye_env": "X"})
+
+
+# --- the checkpoint id: a content hash, computed once per file version ---------
+
+
+@pytest.fixture()
+def id_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBOT_POLICY_SERVE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_checkpoint_id_is_the_content_hash_and_the_second_start_reads_no_weights(ckpt, id_cache, monkeypatch):
+    import hashlib
+
+    from serve_app import checkpoint_id as ids
+
+    weights = ckpt / "model.safetensors"
+    first = open_checkpoint(ckpt).checkpoint_id()
+    assert first == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    assert list((id_cache / "checkpoint-ids").glob("*.json"))
+    monkeypatch.setattr(ids, "content_id", lambda path: pytest.fail("re-read the weights of an unchanged file"))
+    assert open_checkpoint(ckpt).checkpoint_id() == first
+
+
+def test_checkpoint_id_changes_with_the_bytes_even_at_the_same_size_and_mtime(ckpt, id_cache):
+    import os
+
+    weights = ckpt / "model.safetensors"
+    first = open_checkpoint(ckpt).checkpoint_id()
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor, as a fine-tune of one small statistic would
+    with weights.open("r+b") as f:  # in place: same inode, same size
+        f.write(data)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime put back
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert open_checkpoint(ckpt).checkpoint_id() != first
+
+
+def test_checkpoint_id_changes_when_the_file_is_replaced(ckpt, tmp_path, id_cache):
+    first = open_checkpoint(ckpt).checkpoint_id()
+    other = tmp_path / "other.safetensors"
+    state = load_file(str(ckpt / "model.safetensors"))
+    state[next(iter(state))] = state[next(iter(state))] + 1
+    save_file(state, str(other))
+    other.replace(ckpt / "model.safetensors")
+    assert open_checkpoint(ckpt).checkpoint_id() != first
+
+
+def test_checkpoint_id_is_right_when_the_cache_cannot_be_written(ckpt, tmp_path, monkeypatch):
+    import hashlib
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("ROBOT_POLICY_SERVE_CACHE", str(blocked))
+    expected = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert open_checkpoint(ckpt).checkpoint_id() == expected
+
+
+def test_preprocessing_names_are_checked_at_deploy(ckpt):
+    assert load_policy(open_checkpoint(ckpt), "cpu").frames.name == "letterbox"
+    with pytest.raises(CheckpointError, match="preprocessing 'opentau_server' is not one of policy 'visuomotor_chunk'"):
+        verify_checkpoint(open_checkpoint(ckpt), "opentau_server")
+    with pytest.raises(CheckpointError, match="preprocessing"):
+        build_app({"checkpoint": str(ckpt), "preprocessing": "stretch"})

@@ -19,7 +19,7 @@ import torch
 from policy_wire import robot_inference_pb2 as pb
 from serve_app.checkpoint import open_checkpoint
 from serve_app.deadlines import CANCELLED, EXPIRED, UNMEETABLE
-from serve_app.engine import BatchSettings, Engine
+from serve_app.engine import FAILED_PASSES_UNHEALTHY, BatchSettings, Engine
 from serve_app.errors import RequestError
 from serve_app.policies import load_policy
 from tests.conftest import DEMO_CHECKPOINT
@@ -28,7 +28,7 @@ from tests.payloads import encode, frame, observation
 
 class GatedPolicy:
     def __init__(self, policy, pass_s: float = 0.0):
-        self.policy, self.spec, self.pass_s = policy, policy.spec, pass_s
+        self.policy, self.spec, self.frames, self.device, self.pass_s = policy, policy.spec, policy.frames, policy.device, pass_s
         self.passes: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -206,13 +206,18 @@ def test_bad_input_is_refused_before_the_queue(demo_policy):
     assert policy.passes == []
 
 
-def test_health_probe_is_a_real_forward_pass_and_fails_on_broken_weights(demo_policy):
-    policy = load_policy(open_checkpoint(str(DEMO_CHECKPOINT)), "cpu")
-    engine = Engine(policy)
+def test_health_check_runs_no_pass_and_fails_after_failed_passes(demo_policy):
+    engine, policy, _ = make_engine(load_policy(open_checkpoint(str(DEMO_CHECKPOINT)), "cpu"))
     asyncio.run(engine.check())
+    assert policy.passes == []  # robots never wait behind a health probe
     with torch.no_grad():
-        policy.net.head[0].weight.fill_(float("nan"))
-    with pytest.raises(RuntimeError, match="non-finite"):
+        policy.policy.net.head[0].weight.fill_(float("nan"))
+    for i in range(FAILED_PASSES_UNHEALTHY):
+        with pytest.raises(RuntimeError, match="non-finite"):  # no NaN reaches a robot
+            asyncio.run(engine.submit(robot(f"r{i}"), None))
+        if i < FAILED_PASSES_UNHEALTHY - 1:
+            asyncio.run(engine.check())  # one bad pass is not a broken replica
+    with pytest.raises(RuntimeError, match=f"the last {FAILED_PASSES_UNHEALTHY} forward passes failed"):
         asyncio.run(engine.check())
 
 

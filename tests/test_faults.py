@@ -27,7 +27,8 @@ from robot_client.errors import PolicyError
 from robot_client.policy_client import PolicyClient
 from robot_client.replay_robot import ReplayRobot, synthetic_recording
 from serve_app.checkpoint import open_checkpoint
-from serve_app.observation import ObservationBatch, parse_observation
+from serve_app.observation import ObservationBatch
+from serve_app.parse import parse_observation
 from serve_app.policies import load_policy
 from tests.conftest import DEMO_CHECKPOINT, REPO_ROOT, wait_for_health
 from tests.payloads import chunk_array, observation
@@ -249,7 +250,7 @@ def test_redeploy_with_a_new_checkpoint_while_robots_run(serve_harness, tmp_path
     expected = {}
     for ckpt, cid in ((DEMO_CHECKPOINT, old_id), (new_ckpt, new_id)):
         policy = load_policy(open_checkpoint(ckpt), "cpu")
-        expected[cid] = policy.predict(ObservationBatch.stack([parse_observation(request, policy.spec)]))[0]
+        expected[cid] = policy.predict(ObservationBatch.stack([parse_observation(request, policy.spec, policy.frames)]))[0]
     assert not np.allclose(expected[old_id], expected[new_id])
 
     address = serve_harness.deploy(**FAST_DRAIN)

@@ -1,6 +1,6 @@
 """Hostile input: property-based tests of the trust boundary, and what leaves the server.
 
-- `decode_image` and `parse_observation` (serve_app/images.py, observation.py) on arbitrary
+- `decode_image` and `parse_observation` (serve_app/images.py, parse.py) on arbitrary
   bytes, labels, raw shapes, corrupted and dimension-patched JPEG/PNG headers, NaN and
   infinity, huge dimensions: every input gives a valid observation or a RequestError
   with INVALID_ARGUMENT and a message, never another exception, and memory stays bounded.
@@ -31,7 +31,9 @@ from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
 from serve_app.errors import RequestError
 from serve_app.images import ImageLimits, decode_image
-from serve_app.observation import InputSpec, parse_observation
+from serve_app.frames import Letterbox
+from serve_app.observation import InputSpec
+from serve_app.parse import parse_observation
 from tests.conftest import REPO_ROOT
 from tests.payloads import encode, frame, observation
 
@@ -231,7 +233,7 @@ def test_decode_image_gives_a_frame_or_invalid_argument(memory, data, encoding, 
 @given(request=requests())
 def test_parse_observation_gives_a_valid_observation_or_invalid_argument(memory, request):
     try:
-        obs = memory(parse_observation, request, SPEC, LIMITS)
+        obs = memory(parse_observation, request, SPEC, Letterbox((SPEC.image_height, SPEC.image_width)), LIMITS)
     except RequestError as err:
         assert_refusal(err)
         return

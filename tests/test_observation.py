@@ -9,14 +9,17 @@ from PIL import Image
 
 from policy_wire import robot_inference_pb2 as pb
 from serve_app.errors import RequestError
-from serve_app.images import ImageLimits, decode_image, letterbox
-from serve_app.observation import InputSpec, ObservationBatch, parse_observation
+from serve_app.frames import Letterbox
+from serve_app.images import ImageLimits, decode_image
+from serve_app.observation import InputSpec, ObservationBatch
+from serve_app.parse import parse_observation
 from tests.payloads import encode, frame, observation
 
 SPEC = InputSpec(
     num_cameras=2, min_cameras=2, image_height=96, image_width=96, state_dim=32, action_dim=8,
     chunk_length=16, max_delay=16, max_prompt_bytes=64,
 )
+FRAMES = Letterbox((SPEC.image_height, SPEC.image_width))
 
 
 def rejected(fn, *args, **kw) -> str:
@@ -38,23 +41,17 @@ def test_jpeg_decodes_close_to_the_source_and_labels_do_not_matter():
 
 def test_raw_float_square_and_raw_uint8_any_shape():
     img = frame(32, 32)
-    as_float = (img.astype(np.float32) / 255.0).tobytes()
-    assert np.array_equal(decode_image(as_float, "raw"), img)
+    as_float = img.astype(np.float32) / 255.0
+    decoded = decode_image(as_float.tobytes(), "raw")
+    assert decoded.dtype == np.float32 and np.array_equal(decoded, as_float)  # float frames stay float
+    assert np.array_equal(Letterbox((32, 32))(decoded), img)  # the letterbox rounds them to uint8
     wide = frame(20, 50)
     assert np.array_equal(decode_image(wide.tobytes(), "RAW", width=50, height=20), wide)
 
 
-def test_letterbox_keeps_aspect_and_pads_with_black():
-    img = np.full((50, 100, 3), 200, np.uint8)
-    out = letterbox(img, (96, 96))
-    assert out.shape == (96, 96, 3)
-    assert (out[:20] == 0).all() and (out[-20:] == 0).all()  # bands above and below
-    assert (out[30:66, 5:90] == 200).all()  # content not stretched to the full height
-
-
 def test_state_is_float32_and_zero_padded():
     req = observation(state_dim=14)
-    obs = parse_observation(req, SPEC)
+    obs = parse_observation(req, SPEC, FRAMES)
     assert obs.state.dtype == np.float32 and obs.state.shape == (32,)
     np.testing.assert_array_equal(obs.state[:14], np.asarray(req.robot_state.state, np.float32))
     assert not obs.state[14:].any()
@@ -80,7 +77,7 @@ def test_state_is_float32_and_zero_padded():
 def test_bad_observations_are_refused_with_a_message(mutate, expected):
     req = observation()
     mutate(req)
-    assert expected in rejected(parse_observation, req, SPEC)
+    assert expected in rejected(parse_observation, req, SPEC, FRAMES)
 
 
 def test_decompression_bomb_is_refused_before_decoding():
@@ -100,31 +97,31 @@ def test_prefix_and_delay():
     req = observation()
     req.prefix_action.extend(pb.ActionVector(values=[i] * 8) for i in range(4))
     req.delay = 3
-    obs = parse_observation(req, SPEC)
+    obs = parse_observation(req, SPEC, FRAMES)
     assert obs.delay == 3 and obs.prefix.shape == (16, 8)
     np.testing.assert_array_equal(obs.prefix[:4, 0], [0, 1, 2, 3])
 
     req.delay = 5  # more than the 4 prefix rows
-    assert "delay" in rejected(parse_observation, req, SPEC)
+    assert "delay" in rejected(parse_observation, req, SPEC, FRAMES)
     req.delay = -1
-    assert "delay" in rejected(parse_observation, req, SPEC)
+    assert "delay" in rejected(parse_observation, req, SPEC, FRAMES)
 
     ragged = observation()
     ragged.prefix_action.extend([pb.ActionVector(values=[0] * 8), pb.ActionVector(values=[0] * 7)])
-    assert "row 1" in rejected(parse_observation, ragged, SPEC)
+    assert "row 1" in rejected(parse_observation, ragged, SPEC, FRAMES)
     wide = observation()
     wide.prefix_action.append(pb.ActionVector(values=[0] * 9))
-    assert "action dim is 8" in rejected(parse_observation, wide, SPEC)
+    assert "action dim is 8" in rejected(parse_observation, wide, SPEC, FRAMES)
 
 
 def test_delay_without_prefix_is_ignored():
     req = observation()
     req.delay = 99
-    assert parse_observation(req, SPEC).delay == 0
+    assert parse_observation(req, SPEC, FRAMES).delay == 0
 
 
 def test_batch_stacks_along_a_leading_axis():
-    batch = ObservationBatch.stack([parse_observation(observation(seed=s), SPEC) for s in range(3)])
+    batch = ObservationBatch.stack([parse_observation(observation(seed=s), SPEC, FRAMES) for s in range(3)])
     assert len(batch) == 3
     assert batch.images.shape == (3, 2, 96, 96, 3) and batch.state.shape == (3, 32) and batch.prefix.shape == (3, 16, 8)
 
@@ -151,3 +148,12 @@ def test_decode_cost_reads_pixel_counts_from_headers_only():
     assert decode_cost_pixels(b"\xff\xd8 not really a jpeg", "jpeg") == UNKNOWN_COST
     assert decode_cost_pixels(b"GIF89a....", "jpeg") == UNKNOWN_COST
     assert decode_cost_pixels(jpeg, "webp") == UNKNOWN_COST
+
+
+def test_raw_float_outside_unit_range_is_refused_not_whitened():
+    # OpenTau's own client sends raw frames as 0..255 floats: clipping them would give a white image.
+    img = frame(16, 16).astype(np.float32)
+    message = rejected(decode_image, img.tobytes(), "raw")
+    assert "must be in [0, 1]" in message and "divide 0..255 values by 255" in message
+    nearly = np.full((16, 16, 3), 1.0000005, np.float32)  # rounding noise is clipped
+    assert decode_image(nearly.tobytes(), "raw").max() == 1.0

@@ -2,7 +2,7 @@
 
 Every test runs on a tiny seeded pi05 made by scripts/pi05_make_tiny_checkpoint.py
 (milliseconds per forward pass on a CPU). Parity with OpenTau itself is
-scripts/pi05_parity.py (opt-in: it needs OpenTau's own environment).
+tests/test_pi05_golden.py (OpenTau 0.14.0's own chunks, committed as fixtures by scripts/pi05_golden.py).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import torch
 
 pytest.importorskip("sentencepiece")
 
-from payloads import chunk_array, observation
+from payloads import chunk_array, encode, observation
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
 from serve_app.checkpoint import CheckpointError, open_checkpoint
 from serve_app.errors import RequestError
-from serve_app.observation import ObservationBatch, parse_observation
+from serve_app.observation import ObservationBatch
+from serve_app.parse import parse_observation
 from serve_app.policies import load_policy, verify_checkpoint
 from serve_app.policies.pi05.tokenizer import discretize_state, pi05_prompts
 
@@ -210,10 +211,10 @@ def test_delay_beyond_policy_maximum_is_invalid_argument(policy):
     request.prefix_action.extend([pb.ActionVector(values=[0.1] * 6) for _ in range(4)])
     request.delay = 3  # max_delay is 2
     with pytest.raises(RequestError) as err:
-        parse_observation(request, policy.spec)
+        parse_observation(request, policy.spec, policy.frames)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     request.delay = 2
-    assert parse_observation(request, policy.spec).delay == 2
+    assert parse_observation(request, policy.spec, policy.frames).delay == 2
 
 
 def test_batched_predict_equals_per_sample_predict(policy):
@@ -234,12 +235,34 @@ def test_batched_predict_equals_per_sample_predict(policy):
         np.testing.assert_allclose(policy.predict(one, noise=noise[i : i + 1])[0], together[i], rtol=0, atol=1e-5)
 
 
-def test_missing_camera_is_masked_not_ignored(policy):
+def test_a_missing_camera_is_a_black_frame_the_model_sees_as_in_opentau_training(policy):
     batch = _batch(policy.spec, 1)
     noise = _noise(policy, 1)
     full = policy.predict(batch, noise=noise)
+    batch.images[0, 1] = 0  # what parse_observation leaves for a camera not sent
+    black_sent = policy.predict(batch, noise=noise)
     batch.camera_mask[0, 1] = False
-    assert not np.allclose(policy.predict(batch, noise=noise), full)
+    missing = policy.predict(batch, noise=noise)
+    np.testing.assert_array_equal(missing, black_sent)  # attended, not masked (golden: test_pi05_golden.py)
+    assert not np.allclose(missing, full)
+
+
+def test_frames_are_resized_as_opentau_trains_by_default_and_stretched_on_request(tiny_dir, policy):
+    request = observation(num_cameras=1, state_dim=8)
+    request.images[0].CopyFrom(pb.CameraImage(image_data=encode(np.full((48, 64, 3), 255, np.uint8), "PNG"),
+                                              encoding="png"))
+    assert policy.frames.name == "training"  # the default: as OpenTau 0.14.0 trains pi05
+    trained = parse_observation(request, policy.spec, policy.frames)
+    assert trained.images.dtype == np.float32 and trained.images.shape == (2, 32, 32, 3)
+    assert (trained.images[0, :8] == 0).all() and (trained.images[0, 8:] == 1).all()  # 24 rows, padded on top
+    assert not trained.camera_mask[1] and not trained.images[1].any()  # the camera not sent: black, masked
+    stretch = load_policy(open_checkpoint(tiny_dir), "cpu", preprocessing="opentau_server")
+    assert stretch.frames.name == "opentau_server"
+    stretched = parse_observation(request, stretch.spec, stretch.frames)
+    np.testing.assert_allclose(stretched.images[0], 1.0, atol=1e-6)  # OpenTau's server: stretched, no padding
+    noise = _noise(policy, 1)
+    chunks = [p.predict(ObservationBatch.stack([o]), noise=noise) for p, o in ((policy, trained), (stretch, stretched))]
+    assert not np.allclose(*chunks)  # the choice reaches the model
 
 
 # --- through the real app ---------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire.input_spec import InputSpec
+from serve_app.engine import FAILED_PASSES_UNHEALTHY
 from serve_app.replica import BatchSettings, RobotPolicyReplica
 from tests.conftest import DEMO_CHECKPOINT
 from tests.payloads import observation
@@ -33,11 +34,15 @@ class Context:
         self.details = details
 
 
-def test_check_health_runs_a_real_forward_pass_and_fails_on_broken_weights(replica):
+def test_check_health_fails_once_forward_passes_keep_failing(replica):
     asyncio.run(replica.check_health())
     with torch.no_grad():
         replica._engine.policy.net.head[0].weight.fill_(float("nan"))
-    with pytest.raises(RuntimeError, match="non-finite"):
+    for _ in range(FAILED_PASSES_UNHEALTHY):
+        context = Context()
+        asyncio.run(replica.GetActionChunk(observation(), grpc_context=context))
+        assert context.code == grpc.StatusCode.INTERNAL and "see the server log" in context.details
+    with pytest.raises(RuntimeError, match="forward passes failed"):
         asyncio.run(replica.check_health())
 
 

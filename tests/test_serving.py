@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from policy_wire import robot_inference_pb2 as pb
 from policy_wire import robot_inference_pb2_grpc as pb_grpc
 from serve_app.checkpoint import open_checkpoint
-from serve_app.observation import ObservationBatch, parse_observation
+from serve_app.observation import ObservationBatch
+from serve_app.parse import parse_observation
 from serve_app.policies import load_policy
 from tests.conftest import DEMO_CHECKPOINT
 from tests.opentau_wire import LegacyStub, legacy
@@ -30,7 +31,7 @@ def local_policy():
 
 
 def expected_chunk(local_policy, request) -> np.ndarray:
-    return local_policy.predict(ObservationBatch.stack([parse_observation(request, local_policy.spec)]))[0]
+    return local_policy.predict(ObservationBatch.stack([parse_observation(request, local_policy.spec, local_policy.frames)]))[0]
 
 
 def test_health_check_advertises_the_input_spec(stub):

@@ -5,6 +5,6 @@ strict key and shape matching and no remapping. See docs/pi05.md.
 """
 
 from serve_app.policies.pi05.configuration import Pi05Config
-from serve_app.policies.pi05.policy import Pi05Network, Pi05Policy, expected_weights, load
+from serve_app.policies.pi05.policy import PREPROCESSING, Pi05Network, Pi05Policy, expected_weights, load
 
-__all__ = ["Pi05Config", "Pi05Network", "Pi05Policy", "expected_weights", "load"]
+__all__ = ["PREPROCESSING", "Pi05Config", "Pi05Network", "Pi05Policy", "expected_weights", "load"]

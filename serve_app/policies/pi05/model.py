@@ -1,8 +1,8 @@
-"""The pi05 network: PaliGemma prefix, Gemma action expert, flow-matching sampler.
+"""The pi05 network: PaliGemma prefix and Gemma action expert (the sampler is sampler.py).
 
     images (B, N, 3, H, W) in [-1, 1] --SigLIP + projector--> (B, N*256, D)  ┐
     prompt ids (B, T)                 --embed * sqrt(D)-----> (B, T, D)      ┴ prefix (bidirectional)
-    prefix --VLM, once per request batch--> KV cache (one K, V per layer)
+    prefix --VLM, once per request batch--> KV cache: per layer (B, Lp + C, 2K, d), the prefix's K | V first
     x_t (B, C, A) noise, t = 1 --expert(x_t, t | KV cache) x num_steps--> v_t;  x_t += -1/num_steps * v_t
     -> (B, C, A) normalised actions (C = chunk_size, A = max_action_dim)
 
@@ -10,7 +10,8 @@ Real-time chunking: the first `delay` rows of x_t are pinned to the (normalised)
 prefix and see flow time 0 at every step, as OpenTau trains them.
 
 Module and parameter names reproduce OpenTau's state dict, so a checkpoint
-loads with strict=True and no key remapping.
+loads with strict=True and no key remapping; `fuse_projections`, the last step
+of loading, then merges q|k|v, gate|up and the expert's adaRMS denses.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve_app.policies.pi05.configuration import Pi05Config
-from serve_app.policies.pi05.gemma import GemmaStack, apply_rope, attention
+from serve_app.policies.pi05.gemma import (
+    GemmaStack,
+    apply_rope_,
+    attention,
+    attention_bias,
+    fuse_modulations,
+    fuse_stack,
+    gelu_tanh_glu,
+    rope_tables,
+)
 from serve_app.policies.pi05.siglip import MultiModalProjector, VisionTower
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V (B, Lp, K, d)
+KVCache = list[torch.Tensor]  # per layer (B, Lp + C, 2K, d): K | V of the prefix, then of the action tokens
 
 
 class PaliGemmaModel(nn.Module):
@@ -69,14 +79,6 @@ class PaliGemmaWithExpert(nn.Module):
         self.da_head = nn.Linear(lm_width, c.discrete_action_vocab_size)
 
 
-def sinusoidal_time_embedding(time: torch.Tensor, dim: int, min_period=4e-3, max_period=4.0) -> torch.Tensor:
-    """(B, C) flow times -> (B, C, dim), computed in float64 as OpenTau does on CPU and CUDA."""
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=time.device)
-    period = min_period * (max_period / min_period) ** fraction
-    angle = (1.0 / period * 2 * math.pi)[None, None, :] * time[..., None]
-    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
-
-
 class Pi05Model(nn.Module):
     """`model.*` in the checkpoint. Compute dtype: that of the Gemma weights."""
 
@@ -101,16 +103,27 @@ class Pi05Model(nn.Module):
         return self.paligemma_with_expert.paligemma
 
     @property
-    def _vlm(self) -> GemmaStack:
+    def vlm(self) -> GemmaStack:
         return self._pali.model.language_model
 
     @property
-    def _expert(self) -> GemmaStack:
+    def expert(self) -> GemmaStack:
         return self.paligemma_with_expert.gemma_expert.model
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._vlm.layers[0].self_attn.q_proj.weight.dtype
+        return self.vlm.layers[0].mlp.down_proj.weight.dtype
+
+    def fuse_projections(self) -> None:
+        """After loading: q|k|v and gate|up into one matrix each, the expert's adaRMS denses into one.
+
+        The state dict then no longer has OpenTau's names; this is the last
+        step of loading (Pi05Policy does it), never before `load_state_dict`.
+        """
+        self._pali.model.vision_tower.vision_model.encoder.fuse_projections()
+        fuse_stack(self.vlm)
+        fuse_stack(self.expert)
+        fuse_modulations(self.expert)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         table = self._pali.lm_head.weight
@@ -155,82 +168,35 @@ class Pi05Model(nn.Module):
             embs = embs + self.modality_embedding(slot_ids).to(embs.dtype)[None]
         return embs, torch.cat(masks, dim=1)
 
-    def fill_kv_cache(self, prefix: torch.Tensor, pad: torch.Tensor) -> KVCache:
-        """Run the VLM over the prefix once; keep every layer's K and V for the expert."""
-        mask = pad[:, None, :] & pad[:, :, None]  # (B, Lp, Lp): bidirectional among valid tokens
-        positions = pad.long().cumsum(dim=1) - 1
-        x = prefix
-        cache: KVCache = []
-        for layer in self._vlm.layers:
-            h, _ = layer.input_layernorm(x)
-            q, k, v = self._qkv(layer, h)
-            q, k = apply_rope(q, positions), apply_rope(k, positions)
-            cache.append((k, v))
-            x = x + self._out(layer, attention(q, k, v, mask))
-            h, _ = layer.post_attention_layernorm(x)
-            x = x + layer.mlp(h)
-        # The VLM's final norm and lm_head would only feed text generation: skipped.
-        return cache
+    def fill_kv_cache(self, prefix: torch.Tensor, pad: torch.Tensor, cache: KVCache) -> None:
+        """Run the VLM over the prefix once and write every layer's K, V into `cache[i][:, :Lp]`.
 
-    # --- action expert -----------------------------------------------------
+        prefix (B, Lp, D), pad (B, Lp) bool; cache from `new_kv_cache` (the
+        action tokens' K, V go behind the prefix while denoising, no copies).
+        """
+        b, lp, width = prefix.shape
+        attn = self.vlm.layers[0].self_attn
+        h, k, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        bias = attention_bias(pad[:, None, :] & pad[:, :, None], self.dtype)  # bidirectional among valid tokens
+        cos, sin = rope_tables(pad.long().cumsum(dim=1) - 1, d)
+        x = prefix.reshape(b * lp, width)  # the residual stream, token rows
+        last = len(self.vlm.layers) - 1
+        for i, layer in enumerate(self.vlm.layers):
+            qkv = torch.mm(layer.input_layernorm(x), layer.self_attn.qkv_proj.weight.t()).view(b, lp, h + 2 * k, d)
+            apply_rope_(qkv.view(b * lp, h + 2 * k, d)[:, : h + k], cos, sin)
+            kv = cache[i][:, :lp]
+            kv.copy_(qkv[:, :, h:])
+            if i == last:
+                break  # past the last K, V the VLM would only feed text generation
+            q = qkv[:, :, :h].transpose(1, 2)
+            attended = attention(q, kv[:, :, :k].transpose(1, 2), kv[:, :, k:].transpose(1, 2), bias)
+            x = x + torch.mm(attended, layer.self_attn.o_proj.weight.t())
+            gate_up = torch.mm(layer.post_attention_layernorm(x), layer.mlp.gate_up_proj.weight.t())
+            x = x + torch.mm(gelu_tanh_glu(gate_up, layer.mlp.intermediate_size), layer.mlp.down_proj.weight.t())
 
-    def embed_suffix(self, x_t: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t (B, C, A), time (B, C) -> action tokens (B, C, W) and adaRMS condition (B, C, W)."""
-        dtype = self.dtype
-        tokens = self.action_in_proj(x_t.to(dtype))
-        if self.config.use_modality_embedding:
-            tokens = tokens + self.action_modality_embedding.weight.to(tokens.dtype)
-        t_emb = sinusoidal_time_embedding(time, self.config.proj_width).to(dtype)
-        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(t_emb))))
-        return tokens, cond
-
-    def velocity(self, cache: KVCache, prefix_pad: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor):
-        """One expert pass: v_t (B, C, A) float32. Action tokens attend to the valid prefix and to each other."""
-        x, cond = self.embed_suffix(x_t, time)
-        b, c = x.shape[:2]
-        suffix_pad = torch.ones(b, c, dtype=torch.bool, device=x.device)
-        mask = torch.cat([prefix_pad[:, None, :].expand(b, c, -1), suffix_pad[:, None, :].expand(b, c, c)], dim=2)
-        positions = prefix_pad.sum(dim=1, keepdim=True) + torch.arange(c, device=x.device)[None]  # (B, C)
-        for layer, (k_prefix, v_prefix) in zip(self._expert.layers, cache):
-            h, gate = layer.input_layernorm(x, cond)
-            q, k, v = self._qkv(layer, h)
-            q, k = apply_rope(q, positions), apply_rope(k, positions)
-            k, v = torch.cat([k_prefix, k], dim=1), torch.cat([v_prefix, v], dim=1)
-            x = x + self._out(layer, attention(q, k, v, mask)) * gate
-            h, gate = layer.post_attention_layernorm(x, cond)
-            x = x + layer.mlp(h) * gate
-        x, _ = self._expert.norm(x, cond)
-        return self.action_out_proj(x).float()
-
-    def _qkv(self, layer, h: torch.Tensor):
-        attn = layer.self_attn
-        shape = (*h.shape[:-1], -1, attn.head_dim)
-        h = h.to(self.dtype)
-        return attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), attn.v_proj(h).view(shape)
-
-    def _out(self, layer, attended: torch.Tensor) -> torch.Tensor:
-        return layer.self_attn.o_proj(attended.to(self.dtype))
-
-    # --- sampling ----------------------------------------------------------
-
-    def sample_actions(
-        self,
-        cache: KVCache,
-        prefix_pad: torch.Tensor,  # (B, Lp)
-        noise: torch.Tensor,  # (B, C, A) float32
-        action_prefix: torch.Tensor,  # (B, C, A) normalised, zero past the prefix
-        delay: torch.Tensor,  # (B,) int64
-    ) -> torch.Tensor:
-        """Euler integration of the flow from t = 1 (noise) to t = 0 (actions): (B, C, A) float32."""
-        c = noise.shape[1]
-        frozen = torch.arange(c, device=noise.device)[None, :] < delay[:, None]  # (B, C)
-        frozen3 = frozen[..., None]
-        dt = torch.tensor(-1.0 / self.config.num_steps, dtype=torch.float32, device=noise.device)
-        time = torch.tensor(1.0, dtype=torch.float32, device=noise.device)
-        x_t = noise
-        for _ in range(self.config.num_steps):  # t = 1, 1 + dt, ...: the same float32 sequence as OpenTau
-            x_t = torch.where(frozen3, action_prefix, x_t)
-            v_t = self.velocity(cache, prefix_pad, x_t, torch.where(frozen, 0.0, time))
-            x_t = x_t + dt * v_t
-            time = time + dt
-        return torch.where(frozen3, action_prefix, x_t)
+    def new_kv_cache(self, batch: int, prefix_len: int) -> KVCache:
+        """Per layer (B, Lp + C, 2K, d): the prefix's K | V, then room for the action tokens'."""
+        attn = self.vlm.layers[0].self_attn
+        shape = (batch, prefix_len + self.config.chunk_size, 2 * attn.num_kv_heads, attn.head_dim)
+        device = self.vlm.layers[0].mlp.down_proj.weight.device
+        return [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.vlm.layers]

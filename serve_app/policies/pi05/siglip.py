@@ -8,6 +8,9 @@
 N = (H / P)^2 = 256 for 224 px and P = 14. The patch and position embeddings
 stay float32 when the rest of the tower runs in bf16, as OpenTau (and openpi)
 do: they are the only float32-master tensors of the vision tower.
+
+Attention is torch's scaled_dot_product_attention in the tower's dtype (its
+fused kernels accumulate the softmax in fp32), as Hugging Face's SigLIP runs it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve_app.policies.pi05.configuration import VisionConfig
+from serve_app.policies.pi05.gemma import fuse_linears
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +40,8 @@ class SiglipEmbeddings(nn.Module):
 
 
 class SiglipAttention(nn.Module):
+    """q_proj, k_proj, v_proj, out_proj as stored; `qkv_proj` (rows q | k | v) once fused."""
+
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.num_heads = c.num_attention_heads
@@ -45,13 +51,11 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, P, Dv): every patch attends to every patch of its image."""
         b, n, d = x.shape
-        heads = lambda t: t.view(b, n, self.num_heads, -1).transpose(1, 2)
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(b, n, d)
-        return self.out_proj(out)
+        qkv = self.qkv_proj(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, P, dh)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, P, dh)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class SiglipMLP(nn.Module):
@@ -81,6 +85,11 @@ class SiglipEncoder(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers))
+
+    def fuse_projections(self) -> None:
+        """After loading: q|k|v into one `qkv_proj` per layer (see gemma.fuse_linears)."""
+        for layer in self.layers:
+            fuse_linears(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
 
 class SiglipVisionModel(nn.Module):

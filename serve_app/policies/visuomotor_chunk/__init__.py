@@ -6,6 +6,6 @@ batching many robots into one forward pass pays off.
 
 from serve_app.policies.visuomotor_chunk.configuration import VisuomotorChunkConfig
 from serve_app.policies.visuomotor_chunk.modeling import VisuomotorChunkNet
-from serve_app.policies.visuomotor_chunk.policy import VisuomotorChunk, expected_weights, load, save
+from serve_app.policies.visuomotor_chunk.policy import PREPROCESSING, VisuomotorChunk, expected_weights, load, save
 
-__all__ = ["VisuomotorChunkConfig", "VisuomotorChunk", "VisuomotorChunkNet", "expected_weights", "load", "save"]
+__all__ = ["PREPROCESSING", "VisuomotorChunkConfig", "VisuomotorChunk", "VisuomotorChunkNet", "expected_weights", "load", "save"]

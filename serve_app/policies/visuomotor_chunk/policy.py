@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from serve_app.checkpoint import Checkpoint, load_weights_strict
+from serve_app.frames import Letterbox
 from serve_app.observation import ObservationBatch
 from serve_app.policies.visuomotor_chunk.configuration import POLICY_TYPE, VisuomotorChunkConfig
 from serve_app.policies.visuomotor_chunk.modeling import VisuomotorChunkNet, prompt_word_ids
@@ -17,6 +18,7 @@ class VisuomotorChunk:
         self.device = torch.device(device)
         self.config = net.config
         self.spec = net.config.input_spec()
+        self.frames = Letterbox((self.spec.image_height, self.spec.image_width))
 
     @torch.inference_mode()
     def predict(self, batch: ObservationBatch) -> np.ndarray:
@@ -38,7 +40,10 @@ def expected_weights(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def load(checkpoint: Checkpoint, device: str) -> VisuomotorChunk:
+PREPROCESSING = ("training",)  # the letterbox it is trained with (serve_app/frames.py)
+
+
+def load(checkpoint: Checkpoint, device: str, preprocessing: str = "training") -> VisuomotorChunk:
     net = VisuomotorChunkNet(VisuomotorChunkConfig.from_checkpoint(checkpoint))
     load_weights_strict(net, checkpoint.weights_path, POLICY_TYPE)
     return VisuomotorChunk(net, device)
