@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from testbed.opentau_env import DEFAULT_VENV, opentau_python
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "pi05_cpu.json"
 BEFORE_COMMIT = "4e6fb0b"
@@ -140,14 +142,6 @@ def worker_env(threads: int, pythonpath: str) -> dict:
 def serve_app_worker(name: str, tree: Path, work: Path, threads: int) -> Worker:
     argv = [sys.executable, str(REPO_ROOT / "benchmarks" / "pi05_serve_app_worker.py"), str(work), str(threads)]
     return Worker(name, argv, worker_env(threads, str(tree)), work / f"{name}.log", ready_timeout=900)
-
-
-def opentau_python(venv: Path) -> Path | None:
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        return None
-    probe = subprocess.run([str(python), "-c", "import opentau, sentencepiece"], capture_output=True, check=False)
-    return python if probe.returncode == 0 else None
 
 
 def before_tree(path: Path, commit: str) -> Path:
@@ -286,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="ours alone at a tiny size (no OpenTau, no before tree)")
     ap.add_argument("--rounds", type=int, default=None, help="timed predicts per side (default 5; 2 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of every side (default: this machine's)")
-    ap.add_argument("--opentau-venv", type=Path, default=Path(os.environ.get("OPENTAU_VENV", "/work/opentau-venv")))
+    ap.add_argument("--opentau-venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--before-tree", type=Path, default=Path("/tmp/pi05-before"),
                     help=f"a git worktree at {BEFORE_COMMIT} (made when missing)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint, chunks and worker logs here")

@@ -54,6 +54,9 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # testbed/ is not installed: it is imported from the checkout
+
+from testbed.opentau_env import DEFAULT_VENV, opentau_python  # noqa: E402
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "pi05_golden"
 TEST = REPO_ROOT / "tests" / "test_pi05_golden.py"
 TRANSFORMS = ("training", "opentau_server")
@@ -246,14 +249,6 @@ def golden_train_config() -> dict:
     return config
 
 
-def opentau_python(venv: Path) -> Path | None:
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        return None
-    probe = subprocess.run([str(python), "-c", "import opentau, sentencepiece"], capture_output=True, check=False)
-    return python if probe.returncode == 0 else None
-
-
 def stage_inputs(work: Path) -> Path:
     """Frames, tokenizer, cases, noise and wire requests for the worker; returns the staged fixture folder."""
     staged = work / "fixtures"
@@ -326,7 +321,7 @@ def write_fixtures(work: Path, staged: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--venv", type=Path, default=Path(os.environ.get("OPENTAU_VENV", "/work/opentau-venv")))
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--workdir", type=Path, default=None, help="keep OpenTau's worker files here")
     args = parser.parse_args()
 

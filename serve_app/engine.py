@@ -270,14 +270,15 @@ class Engine:
     # --- health ------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Two blank passes on the device (the first pays for lazy initialisation); time the second.
+        """A blank pass that pays for lazy initialisation, then a timed one.
 
-        A policy with its own warm_up (pi05 on CUDA: one graph capture per batch bucket) runs it first,
-        so that no robot's request pays for a capture."""
+        A policy with its own warm_up (pi05: one pass per batch bucket, on CUDA each a graph
+        capture, so that no robot's request pays for one) runs it as that first pass."""
         own = getattr(self.policy, "warm_up", None)
         if callable(own):
             own()
-        self.probe()
+        else:
+            self.probe()
         started = self._clock()
         self.probe()
         self._pass_clock.record(1, self._clock() - started)

@@ -232,3 +232,14 @@ def demo_app(serve_harness) -> str:
 def stub(demo_app):
     with grpc.insecure_channel(demo_app) as channel:
         yield pb_grpc.RobotPolicyServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny seeded pi05 (scripts/pi05_make_tiny_checkpoint.py), made once; tests that edit it copy it first."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pi05_tiny", REPO_ROOT / "scripts" / "pi05_make_tiny_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_tiny(tmp_path_factory.mktemp("pi05") / "tiny", seed=0)

@@ -7,7 +7,6 @@ tests/test_pi05_golden.py (OpenTau 0.14.0's own chunks, committed as fixtures by
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -29,20 +28,6 @@ from serve_app.observation import ObservationBatch
 from serve_app.parse import parse_observation
 from serve_app.policies import load_policy, verify_checkpoint
 from serve_app.policies.pi05.tokenizer import discretize_state, pi05_prompts
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tiny_module():
-    spec = importlib.util.spec_from_file_location("pi05_tiny", REPO_ROOT / "scripts" / "pi05_make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return _tiny_module().make_tiny(tmp_path_factory.mktemp("pi05") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ across many openings of the file, as the full-size checkpoint's are.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -26,16 +25,7 @@ from serve_app.observation import ObservationBatch
 from serve_app.policies.pi05 import Pi05Config, Pi05Network, Pi05Policy, load
 from serve_app.policies.pi05.policy import serving_dtype
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VISION_EMBEDDINGS = ("embeddings.patch_embedding.", "embeddings.position_embedding.")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("pi05_tiny", REPO_ROOT / "scripts" / "pi05_make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny(tmp_path_factory.mktemp("pi05") / "tiny", seed=0)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ The speed itself is benchmarks/pi05_cpu.py (OpenTau side by side, opt-in); its
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,14 +24,6 @@ from serve_app.policies.pi05.sampler import FlowSampler, flow_times
 from serve_app.policies.pi05.static_shapes import Buckets, CudaGraphs, ExactShapes, pad_rows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("pi05_tiny", REPO_ROOT / "scripts" / "pi05_make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny(tmp_path_factory.mktemp("pi05") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
