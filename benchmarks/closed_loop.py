@@ -52,7 +52,7 @@ def task_definition() -> dict:
 
 
 def served_condition(address: str, seeds: list[int], delay_ms: float, execution: str, robot: SimRobot) -> dict:
-    client = DelayedPolicyClient(address, delay_ms=delay_ms, timeout_s=10.0)
+    client = DelayedPolicyClient(address, delay_ms=delay_ms, timeout_s=10.0, mode="unary")  # delay: unary only
     episodes = []
     try:
         client.wait_ready(60.0)

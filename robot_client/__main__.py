@@ -19,7 +19,7 @@ import threading
 from robot_client.chunk_executor import MERGE_RULES
 from robot_client.control_loop import HOLD_MODES, ControlLoop, LoopConfig
 from robot_client.errors import PolicyError
-from robot_client.policy_client import API_KEY_ENV, MODES, STREAM_MAX_AGE_S, PolicyClient
+from robot_client.policy_client import API_KEY_ENV, DEFAULT_MODE, MODES, STREAM_MAX_AGE_S, PolicyClient
 from robot_client.robot import ObservationUnavailable
 
 logger = logging.getLogger("robot_client")
@@ -54,7 +54,12 @@ def parser() -> argparse.ArgumentParser:
     ours.add_argument(
         "--tls-key", "--tls_key", dest="tls_key", default=None, help="mTLS: this robot's private key (PEM)"
     )
-    ours.add_argument("--mode", choices=MODES, default="unary", help="one call per chunk, or one bidirectional stream")
+    ours.add_argument(
+        "--mode",
+        choices=MODES,
+        default=DEFAULT_MODE,
+        help=f"unary: one call per chunk; stream: one bidirectional stream (default: {DEFAULT_MODE})",
+    )
     ours.add_argument("--stream_max_age", type=float, default=STREAM_MAX_AGE_S, metavar="S",
                       help="--mode stream: open a fresh stream between requests once one is this old, so a "
                            "server-side reload (HAProxy ingress) never cuts one mid-run")
@@ -62,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
         "--robot",
         choices=("auto", "replay", "ros2"),
         default="auto",
-        help="robot port: ros2 (rclpy), replay (a recording, no robot); auto = ros2 if rclpy imports",
+        help="robot port: ros2 (rclpy), replay (a recording, no robot); auto = ros2, an error if rclpy does not import",
     )
     ours.add_argument(
         "--replay_file", default=None, help="recording .npz for --robot replay (default: a synthetic scene)"
@@ -105,11 +110,17 @@ def choose_robot(args, control_frequency_hint: float):
     if kind == "auto":
         try:
             import rclpy  # noqa: F401
-
-            kind = "ros2"
-        except ImportError:
-            kind = "replay"
-        logger.info("--robot auto: using %s", kind)
+        except ImportError as err:
+            # Never a replayed scene in place of the robot the operator meant to drive: say what is missing
+            # (on one line: rclpy's own message for a broken install spans several).
+            why = " ".join(str(err).split())
+            raise ValueError(
+                f"--robot auto: rclpy does not import ({why}); for a ROS 2 robot install the ROS 2 wheels "
+                '(pip install "robot-policy-serve[ros2]") or source your ROS 2 install\'s setup.bash; '
+                "for the replay robot (a recording, no robot) pass --robot replay"
+            ) from None
+        kind = "ros2"
+        logger.info("--robot auto: using ros2")
     if kind == "ros2":
         from robot_client.ros2_node import Ros2Config, Ros2Robot
 
@@ -163,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             watchdog_timeout_s=args.watchdog_timeout,
             hold_mode=args.hold,
             stats_interval_s=args.stats_interval,
+            max_action_age_s=getattr(robot, "max_action_age_s", None),  # the robot YAML's safety section
         )
         loop = ControlLoop.connect(robot, client, config, ready_timeout_s=args.timeout)
         logger.info("running at %.1f Hz, mode %s, merge %s", config.control_frequency, args.mode, args.merge)

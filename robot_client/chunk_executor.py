@@ -93,6 +93,7 @@ class PlannedAction:
     values: np.ndarray  # (action_dim,)
     request_id: str  # which answer it came from
     row: int  # its row in that answer
+    observed_at: float = 0.0  # clock time of the observation the answer was computed from
 
 
 class ChunkExecutor:
@@ -103,7 +104,8 @@ class ChunkExecutor:
         self._latencies: deque[float] = deque(maxlen=config.latency_window)
         self._start = 0  # tick of self._plan[0]
         self._plan = np.zeros((0, 0), np.float32)
-        self._source: list[tuple[str, int]] = []  # (request_id, row) per plan row
+        self._source: list[tuple[str, int, float]] = []  # (request_id, row, observed_at) per plan row
+        self.plan_version = 0  # bumped at every merge: a port following whole plans is sent the new one
         self._last: np.ndarray | None = None  # last action handed out
 
     # --- the plan ----------------------------------------------------------
@@ -113,9 +115,16 @@ class ChunkExecutor:
         self._drop_before(tick)
         if not len(self._plan) or tick != self._start:
             return None
-        request_id, row = self._source[0]
+        request_id, row, observed_at = self._source[0]
         self._last = self._plan[0].copy()
-        return PlannedAction(self._last, request_id, row)
+        return PlannedAction(self._last, request_id, row, observed_at)
+
+    def planned_from(self, tick: int) -> tuple[np.ndarray, np.ndarray]:
+        """The plan's rows from `tick` on and the observation time of each (empty if none)."""
+        self._drop_before(tick)
+        if not len(self._plan) or tick != self._start:
+            return self._plan[:0], np.zeros(0)
+        return self._plan.copy(), np.array([s[2] for s in self._source])
 
     def remaining(self, tick: int) -> int:
         """Planned actions for ticks after `tick`."""
@@ -217,5 +226,6 @@ class ChunkExecutor:
         last = self._last
         seam = float(np.max(np.abs(merged[0] - last))) if last is not None and last.shape == merged[0].shape else 0.0
         self._start, self._plan = tick, merged
-        self._source = [(request.request_id, first + i) for i in range(len(merged))]
+        self._source = [(request.request_id, first + i, request.sent_at) for i in range(len(merged))]
+        self.plan_version += 1
         return MergeReport(Verdict.ACCEPTED, age, latency, first, overlap, disagreement, seam)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robot_client.chunk_executor import ChunkExecutor, ExecutorConfig, Verdict
+from robot_client.chunk_executor import ChunkExecutor, ExecutorConfig, PlannedAction, Verdict
 from robot_client.errors import ObservationDropped, PolicyError
 from robot_client.inference_worker import InferenceResult, InferenceWorker
 from robot_client.policy_client import PolicyClient
@@ -41,10 +41,15 @@ class LoopConfig:
     hold_mode: str = "stop"  # "stop": robot.hold(); "last_position": keep commanding the last action
     margin_ticks: int = 3
     stats_interval_s: float = 10.0
+    # An action whose observation is older than this when its tick comes does not run (the
+    # robot starves, and the watchdog holds it). None: only max_chunk_age_s applies, at merge.
+    max_action_age_s: float | None = None
 
     def __post_init__(self):
         if self.control_frequency <= 0:
             raise ValueError(f"control frequency must be > 0 Hz, got {self.control_frequency}")
+        if self.max_action_age_s is not None and self.max_action_age_s <= 0:
+            raise ValueError(f"max action age must be > 0 s, got {self.max_action_age_s}")
         if self.hold_mode not in HOLD_MODES:
             raise ValueError(f"hold mode must be one of {HOLD_MODES}, got {self.hold_mode!r}")
 
@@ -96,6 +101,14 @@ class ControlLoop:
         # Waiting longer than max_age for an answer is pointless: it would be dropped.
         self.worker = worker or InferenceWorker(client, config.prompt, min(client.timeout_s, max_age), clock)
         self.stats = LoopStats()
+        counters = getattr(getattr(robot, "safety", None), "counters", None)
+        if counters is not None:
+            self.stats.safety_sources.append(counters)
+        # A port that hands its controller whole trajectories (ROS 2 joint trajectory controller)
+        # gets the plan at each merge and after a hold; on the other ticks only its action.
+        self._follows_plans = bool(getattr(robot, "follows_plans", False))
+        self._plan_sent: int | None = None
+        self._stale_from = ""  # request whose actions were last refused as too old (logged once)
         self.trace: deque[TickRecord] = deque(maxlen=trace_length)
         self.hold_times: list[float] = []
         self.error: PolicyError | None = None
@@ -117,7 +130,7 @@ class ControlLoop:
             num_cameras=len(observation.images),
             state_dim=int(np.asarray(observation.state).size),
             prompt=config.prompt,
-            joints=getattr(robot, "num_joints", 0),
+            joints=getattr(robot, "action_width", getattr(robot, "num_joints", 0)),
         )
         return cls(robot, client, spec, config, **kw)
 
@@ -126,9 +139,13 @@ class ControlLoop:
     def step(self, tick: int, now: float) -> None:
         for result in self.worker.poll():
             self._on_result(result, tick, now)
-        planned = self.executor.action_for(tick)
+        planned = self._fresh(self.executor.action_for(tick), now)
         if planned is not None:
-            self.robot.apply_action(planned.values)
+            if self._follows_plans and self._plan_sent != self.executor.plan_version:
+                self.robot.follow_plan(self._plan_ahead(tick))
+                self._plan_sent = self.executor.plan_version
+            else:
+                self.robot.apply_action(planned.values)
             self._last_action = planned.values
             self.stats.acted += 1
             if self.watchdog.feed(now):
@@ -148,7 +165,34 @@ class ControlLoop:
         if self.error is None and not self.worker.busy and self.executor.should_request(tick):
             self._request(tick, now)
 
+    def _fresh(self, planned: PlannedAction | None, now: float) -> PlannedAction | None:
+        """The planned action, unless its observation is older than max_action_age_s."""
+        limit = self.config.max_action_age_s
+        if planned is None or limit is None or now - planned.observed_at <= limit:
+            return planned
+        self.stats.safety["stale_action"] += 1
+        if planned.request_id != self._stale_from:
+            self._stale_from = planned.request_id
+            logger.warning(
+                "actions of %s are %.0f ms old (max_action_age_s %.3f): not executed",
+                planned.request_id, (now - planned.observed_at) * 1e3, limit,
+            )
+        return None
+
+    def _plan_ahead(self, tick: int) -> np.ndarray:
+        """The plan from this tick on, cut where its actions would be too old by the time they are due."""
+        rows, observed = self.executor.planned_from(tick)
+        limit = self.config.max_action_age_s
+        if limit is not None:
+            t0 = self._t0 if self._t0 is not None else 0.0
+            due = t0 + (tick + np.arange(len(rows))) * self.config.period_s
+            fresh = due - observed <= limit
+            # This tick's row passed _fresh: always keep it.
+            rows = rows[: max(1, int(np.argmin(fresh))) if not fresh.all() else len(rows)]
+        return rows
+
     def _start_hold(self, now: float) -> None:
+        self._plan_sent = None  # a resume sends the whole plan again
         self.stats.holds += 1
         self.stats.held_ticks += 1
         self.hold_times.append(now)

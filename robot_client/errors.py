@@ -2,10 +2,10 @@
 
 Every gRPC failure is mapped here to one of a few classes. `transient` says
 whether waiting and reconnecting can fix it (the server restarting, a network
-gap) or whether retrying would only repeat the same refusal (a wrong key, an
-observation the model cannot take). One is neither: ObservationDropped, the
-server's answer that one observation came too late to be of use, after which
-the robot simply sends its next one.
+gap, an overloaded server's refusal) or whether retrying would only repeat the
+same refusal (a wrong key, an observation the model cannot take). One is
+neither: ObservationDropped, the server's answer that one observation came too
+late to be of use, after which the robot simply sends its next one.
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ class PolicyError(RuntimeError):
 
 
 class ServerUnavailable(PolicyError):
-    """No answer in time: the server is down, restarting, unreachable or overloaded. Reconnect and retry."""
+    """No answer in time: the server is down, restarting or unreachable. Reconnect and retry."""
 
     transient = True
+
+
+class ServerOverloaded(ServerUnavailable):
+    """The server refused the call for lack of capacity (RESOURCE_EXHAUSTED: Serve's
+    max_queued_requests back-pressure, a quota). The connection itself is fine: back off and retry
+    on it. Reconnecting, or re-reading the spec, would only add load to a server already full.
+    A ServerUnavailable, so that callers waiting out an unreachable server wait this out too."""
 
 
 class InvalidChunk(PolicyError):
@@ -53,11 +60,27 @@ class ObservationDropped(PolicyError):
     robot keeps executing the actions it has and sends its next observation when it next asks."""
 
 
+class ObservationUnencodable(PolicyError):
+    """The robot's observation cannot be put on the wire (a camera frame of a shape or type no
+    encoder takes, a state that is not numbers). The robot is misconfigured: every retry would fail."""
+
+
+class ClientFault(PolicyError):
+    """An unexpected exception inside the client itself, not an answer from the server. Retried with
+    backoff (it may be passing: a library hiccup, memory), while the robot holds."""
+
+    transient = True
+
+
 class IncompatibleServer(PolicyError):
     """The server's model cannot serve this robot (dimensions, cameras) or speaks another protocol."""
 
 
 _TLS_FAILURE = re.compile(r"handshake fail|ssl_error|certificate|tsi_", re.IGNORECASE)
+# gRPC's own RESOURCE_EXHAUSTED for a message over a size limit ("Received message larger than max
+# (N vs. M)" from the server, "Sent message larger than max" from our channel): not overload, the
+# same observation is refused every time.
+_TOO_LARGE = re.compile(r"message larger than max", re.IGNORECASE)
 
 # Codes after which the same call would fail the same way: never retried.
 _FATAL = {
@@ -143,10 +166,23 @@ def policy_error(
             "is --server_address pointing at the policy server?",
             code,
         )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(details):
+        return ObservationRejected(
+            f"the observation is larger than the policy server at {address} accepts ({name}: {details}); "
+            "send fewer or smaller camera frames, or raise the server's message limit",
+            code,
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # Serve's answer when its queue is full: "Request dropped due to backpressure".
+        return ServerOverloaded(
+            f"the policy server at {address} is overloaded and refused the call ({name}: {details}); "
+            "backing off on the same connection",
+            code,
+        )
     if code in _FATAL:
         return _FATAL[code](f"the policy server rejected the observation: {details} ({name})", code)
-    # INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, CANCELLED, ABORTED: a replica died
-    # or is overloaded; Serve replaces replicas, so waiting can help.
+    # INTERNAL, UNKNOWN, CANCELLED, ABORTED: a replica died; Serve replaces
+    # replicas, so waiting can help.
     return ServerUnavailable(f"the policy server at {address} failed the call ({name}: {details})", code)
 
 

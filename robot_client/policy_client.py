@@ -5,11 +5,13 @@ What it adds to the bare stub, and nothing more:
 - `x-api-key` metadata and a deadline on every call;
 - gRPC failures mapped to errors that say what to do (robot_client.errors);
 - reconnect after a transient failure, paced by a Backoff, and a connection
-  `epoch` that counts the gaps so callers can tell pre-gap answers apart;
+  `epoch` that counts the gaps so callers can tell pre-gap answers apart; an
+  overloaded server's refusal (RESOURCE_EXHAUSTED) is backed off on the same
+  connection instead: no reconnect, no new epoch, no HealthCheck;
 - the server's input spec (HealthCheck) and image encoding at that resolution;
-- unary or bidirectional-stream calls behind the same `infer`; a stream is
-  replaced by a fresh one between requests once it is `stream_max_age_s` old
-  (see STREAM_MAX_AGE_S).
+- unary or bidirectional-stream calls behind the same `infer` (stream by
+  default, see DEFAULT_MODE); a stream is replaced by a fresh one between
+  requests once it is `stream_max_age_s` old (see STREAM_MAX_AGE_S).
 
 One call at a time: the control loop has a single inference worker.
 """
@@ -36,6 +38,7 @@ from robot_client.errors import (
     IncompatibleServer,
     InvalidChunk,
     PolicyError,
+    ServerOverloaded,
     ServerUnavailable,
     from_rpc_error,
     policy_error,
@@ -67,6 +70,11 @@ CHANNEL_OPTIONS = (
     ("grpc.use_local_subchannel_pool", 1),
 )
 MODES = ("unary", "stream")
+# Robots at their control rate measured better on one stream each than on a call per chunk behind
+# our server (README "Performance", 16 robots paced at 30 Hz: p99 23.0 ms against 50.0 ms behind
+# the HAProxy ingress, no deadline missed either way; behind Serve's standard proxy 94.4 ms and 7
+# missed deadlines against 143.0 ms and 41).
+DEFAULT_MODE = "stream"
 
 
 def channel_options(address: str) -> tuple:
@@ -128,7 +136,7 @@ class PolicyClient:
         *,
         api_key: str | None = None,
         timeout_s: float = 30.0,
-        mode: str = "unary",
+        mode: str = DEFAULT_MODE,
         jpeg_quality: int = DEFAULT_JPEG_QUALITY,
         backoff: Backoff | None = None,
         tls_ca: str | None = None,
@@ -186,17 +194,20 @@ class PolicyClient:
         self._disconnect()
 
     def _gap(self, error: PolicyError) -> PolicyError:
-        """A transient failure: forget the connection, count the gap, schedule the next attempt."""
+        """A transient failure: schedule the next attempt, and forget the connection and count the gap
+        unless the server only said it is full (then the connection, the epoch and the answers in
+        flight on it are all still good: reconnecting would only add load)."""
         if error.transient:
-            self._disconnect()
-            self._broken = True
-            self.epoch += 1
+            if not isinstance(error, ServerOverloaded):
+                self._disconnect()
+                self._broken = True
+                self.epoch += 1
             self._retry_at = time.monotonic() + self.backoff.failure()
         return error
 
     def retry_delay(self) -> float:
-        """Seconds to wait before the next attempt is worth making (0 when connected)."""
-        return max(0.0, self._retry_at - time.monotonic()) if self._broken else 0.0
+        """Seconds to wait before the next attempt is worth making (0 after a success)."""
+        return max(0.0, self._retry_at - time.monotonic())
 
     # --- health and input spec ------------------------------------------
 
@@ -299,18 +310,26 @@ class PolicyClient:
             verdict = self._answered_early(err, started, timeout)
             raise self._gap(self._error(err, timeout, from_server=verdict)) from None
         if response.error_code:
-            # In-band error (streams): this message was refused, the stream goes on.
-            raise policy_error(
+            # In-band error (streams): this message was refused, the stream goes on. A refusal for
+            # lack of capacity paces the next attempt all the same.
+            error = policy_error(
                 status_code(response.error_code),
                 response.error_message,
                 self.address,
                 has_key=bool(self._api_key),
                 from_server=True,
             )
+            if isinstance(error, ServerOverloaded):
+                self._gap(error)
+            raise error
         try:
-            return ActionChunk.from_response(response)
+            chunk = ActionChunk.from_response(response)
         except InvalidChunk as err:
             raise self._gap(err) from None
+        # Refusals back off only while they come one after another.
+        self.backoff.reset()
+        self._retry_at = 0.0
+        return chunk
 
     def get_action_chunk(
         self, observation: Observation, prompt: str, *, prefix=None, delay: int = 0, attempts: int = 1

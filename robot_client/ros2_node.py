@@ -1,43 +1,57 @@
-"""The ROS 2 robot port (rclpy), kept thin: topics in, controller commands out.
+"""The ROS 2 robot port (rclpy): sensors in, controller commands out, through the safety layer.
 
-This is the only module that imports rclpy and ROS message packages, and it
-does so when a Ros2Robot is built, so the rest of the package (and a laptop
-without ROS) never needs them.
+This is the only module that imports rclpy and ROS message packages, and it does so when a
+Ros2Robot is built, so the rest of the package (and a laptop without ROS) never needs them.
+Install: `pip install "robot-policy-serve[ros2]"` (ROS 2 Kilted wheels from PyPI), or source a
+ROS 2 installation.
 
-- State: `sensor_msgs/JointState` on `joint_state_topic`, ordered by the
-  configured `joint_names` (never by index: drivers publish joints in any
-  order, and some split them across several messages).
+- State: `sensor_msgs/JointState` on `joint_state_topic`, matched by the configured
+  `joint_names` (never by index: drivers publish joints in any order, and some split them over
+  several messages), arranged by `state_layout` (robot_client/joint_layout.py).
 - Cameras: `sensor_msgs/Image` (rgb8, bgr8, rgba8, bgra8, mono8, mono16) or
   `sensor_msgs/CompressedImage` (JPEG/PNG, passed through untouched).
-- Commands, to a ros2_control controller: `std_msgs/Float64MultiArray` for a
-  forward command controller, or `trajectory_msgs/JointTrajectory` (one point,
-  one control period ahead) for the joint trajectory controller.
-- Hold: republish the last command (position controllers), publish zeros
-  (velocity controllers, `hold_command: zero`), or an empty JointTrajectory,
-  which makes the joint trajectory controller stop and hold position.
+- Time: sensor ages and the pairing of frames with joint states come from header stamps, read
+  on the node's ROS clock, so `use_sim_time` works; a driver that leaves stamps at zero gets its
+  messages' arrival time instead (and one warning). Frames are paired with the joint sample
+  nearest their stamp; cameras or joints further apart than `max_sensor_skew_s` make the
+  observation unavailable, as do sensors older than `max_sensor_age_s`.
+- Commands, to a ros2_control controller, after the safety layer (robot_client/safety.py):
+  `std_msgs/Float64MultiArray` for a forward command controller (position or velocity
+  interface), or `trajectory_msgs/JointTrajectory` for the joint trajectory controller: the rest
+  of the chunk as one trajectory, points one control period apart from the header stamp, each
+  new chunk replacing the tail (`trajectory_mode: chunk`), or one point a period ahead per tick
+  (`point`).
+- Hold: a position controller gets its last command again; the joint trajectory controller an
+  empty trajectory (it stops where it is); a velocity controller a ramp down to zero within the
+  acceleration limit, published on the node's own timer so it finishes even after the control
+  loop has stopped. After a hold the next command ramps from the measured position.
 
-Settings come from a YAML file (plain, or a ROS 2 params file with
-`<node>: {ros__parameters: ...}`) and can be overridden with ROS parameters
-(`--ros-args -p control_frequency:=15.0`).
+Settings come from a YAML file (plain, or a ROS 2 params file with `<node>: {ros__parameters:
+...}`); scalar and list settings can be overridden with ROS parameters (`--ros-args -p
+control_frequency:=15.0`). The `safety` section is read from the YAML only.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from robot_client.image_codec import EncodedFrame
+from robot_client.joint_layout import JointLayout
 from robot_client.robot import Observation, ObservationUnavailable
+from robot_client.safety import INTERFACES, SafetyConfig, SafetyLayer
 
 logger = logging.getLogger("robot_client")
 COMMAND_TYPES = ("float64_multi_array", "joint_trajectory")
 CAMERA_TYPES = ("image", "compressed")
-HOLD_COMMANDS = ("last", "zero")
+TRAJECTORY_MODES = ("chunk", "point")
+JOINT_HISTORY_S = 1.0  # joint samples kept for pairing with frames: more than any camera's latency
+ROS2_INSTALL_HINT = 'pip install "robot-policy-serve[ros2]" (ROS 2 Kilted wheels), or source a ROS 2 setup.bash'
 
 
 @dataclass
@@ -49,27 +63,32 @@ class Ros2Config:
     camera_types: list[str] = field(default_factory=list)
     command_topic: str = "/forward_position_controller/commands"
     command_type: str = "float64_multi_array"
-    hold_command: str = "last"
-    trajectory_time_from_start_s: float = 0.0  # 0: one control period
-    include_velocity: bool = False  # state = positions (+ velocities), in joint_names order
+    command_interface: str = "position"  # what the controller takes: joint positions or velocities
+    trajectory_mode: str = "chunk"  # joint_trajectory: the rest of the chunk, or one point per tick
+    trajectory_time_from_start_s: float = 0.0  # time of the first point; 0: one control period
+    state_layout: list[str] = field(default_factory=list)  # empty: positions (+ velocities)
+    action_layout: list[str] = field(default_factory=list)  # empty: one command per joint
+    include_velocity: bool = False  # with the default state layout: positions, then velocities
     max_sensor_age_s: float = 0.5  # older joint states or frames make the observation unavailable
+    max_sensor_skew_s: float = 0.05  # frames and joint samples further apart in time: not one observation
     control_frequency: float = 30.0
     node_name: str = "policy_client"
+    use_sim_time: bool = False
+    safety: dict = field(default_factory=dict)  # robot_client.safety.SafetyConfig, YAML only
 
     def __post_init__(self):
         # ROS parameters are typed by their first value: 30 would make control_frequency an integer.
-        self.trajectory_time_from_start_s = float(self.trajectory_time_from_start_s)
-        self.max_sensor_age_s = float(self.max_sensor_age_s)
-        self.control_frequency = float(self.control_frequency)
-        self.joint_names = [str(n) for n in self.joint_names]
-        self.camera_topics = [str(t) for t in self.camera_topics]
+        for name in ("trajectory_time_from_start_s", "max_sensor_age_s", "max_sensor_skew_s", "control_frequency"):
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("joint_names", "camera_topics", "camera_types", "state_layout", "action_layout"):
+            setattr(self, name, [str(v) for v in getattr(self, name)])
         if not self.camera_types:
             self.camera_types = [
                 "compressed" if t.rstrip("/").endswith("compressed") else "image" for t in self.camera_topics
             ]
         problems = []
         if not self.joint_names:
-            problems.append("joint_names is empty: list the joints the policy commands, in action order")
+            problems.append("joint_names is empty: list the joints the policy commands")
         if len(set(self.joint_names)) != len(self.joint_names):
             problems.append(f"joint_names has duplicates: {self.joint_names}")
         if len(self.camera_types) != len(self.camera_topics):
@@ -80,12 +99,30 @@ class Ros2Config:
             problems.append(f"camera_types must each be one of {CAMERA_TYPES}, got {self.camera_types}")
         if self.command_type not in COMMAND_TYPES:
             problems.append(f"command_type must be one of {COMMAND_TYPES}, got {self.command_type!r}")
-        if self.hold_command not in HOLD_COMMANDS:
-            problems.append(f"hold_command must be one of {HOLD_COMMANDS}, got {self.hold_command!r}")
-        if self.control_frequency <= 0 or self.max_sensor_age_s <= 0:
-            problems.append("control_frequency and max_sensor_age_s must be > 0")
+        if self.command_interface not in INTERFACES:
+            problems.append(f"command_interface must be one of {INTERFACES}, got {self.command_interface!r}")
+        if self.command_type == "joint_trajectory" and self.command_interface != "position":
+            problems.append("command_type joint_trajectory sends positions: use command_interface: position")
+        if self.trajectory_mode not in TRAJECTORY_MODES:
+            problems.append(f"trajectory_mode must be one of {TRAJECTORY_MODES}, got {self.trajectory_mode!r}")
+        if min(self.control_frequency, self.max_sensor_age_s, self.max_sensor_skew_s) <= 0:
+            problems.append("control_frequency, max_sensor_age_s and max_sensor_skew_s must be > 0")
+        if not isinstance(self.safety, dict):
+            problems.append("safety must be a mapping (position_min, position_max, max_velocity, ...)")
         if problems:
             raise ValueError("ROS 2 config: " + "; ".join(problems))
+        try:
+            self.layout = JointLayout.build(
+                self.joint_names, self.state_layout, self.action_layout, self.command_interface,
+                self.include_velocity,
+            )
+            self.safety_config = SafetyConfig.from_dict(self.safety, len(self.joint_names))
+        except ValueError as err:
+            raise ValueError(f"ROS 2 config: {err}") from None
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.control_frequency
 
     @classmethod
     def from_dict(cls, values: dict) -> Ros2Config:
@@ -140,27 +177,52 @@ def compressed_to_frame(msg) -> EncodedFrame:
     return EncodedFrame.sniff(data)  # raises with a clear message for anything else
 
 
+@dataclass(frozen=True)
+class JointSample:
+    stamp: float  # s, on the ROS clock
+    position: float
+    velocity: float  # NaN when the driver sent none
+
+
+def nearest(samples, t: float) -> JointSample:
+    return min(samples, key=lambda s: abs(s.stamp - t))
+
+
 class Ros2Robot:
-    """RobotPort over rclpy. Subscriptions are served by an executor on its own thread."""
+    """RobotPort over rclpy, in a context of its own; subscriptions are served on their own thread."""
 
-    def __init__(self, config: Ros2Config, *, ros_args: list[str] | None = None, clock=time.monotonic):
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.node import Node
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import CompressedImage, Image, JointState
+    def __init__(self, config: Ros2Config, *, ros_args: list[str] | None = None):
+        try:
+            import rclpy
+            from rclpy.context import Context
+            from rclpy.executors import SingleThreadedExecutor
+            from rclpy.node import Node
+            from rclpy.parameter import Parameter
+            from rclpy.qos import qos_profile_sensor_data
+            from rclpy.signals import SignalHandlerOptions
+            from sensor_msgs.msg import CompressedImage, Image, JointState
+        except ImportError as err:
+            raise ImportError(f"the ROS 2 robot needs rclpy ({err}): {ROS2_INSTALL_HINT}") from None
 
-        self._rclpy = rclpy
-        self._clock = clock
-        self._owns_rclpy = not rclpy.ok()
-        if self._owns_rclpy:
-            rclpy.init(args=ros_args)
-        self.node = Node(config.node_name)
+        self._context = Context()
+        # No rclpy signal handlers: Ctrl-C and SIGTERM belong to robot_client, which holds the
+        # robot before this context goes; rclpy's would shut it down first.
+        rclpy.init(args=ros_args, context=self._context, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = Node(config.node_name, context=self._context)
         self.config = self._with_parameters(config)
-        self._lock = threading.Lock()
-        self._positions: dict[str, tuple[float, float, float]] = {}  # name -> (position, velocity, received_at)
+        if self.config.use_sim_time and not self.node.get_parameter("use_sim_time").value:
+            self.node.set_parameters([Parameter("use_sim_time", value=True)])
+        self.layout = self.config.layout
+        self.safety = SafetyLayer(
+            self.config.safety_config, self.config.period_s, len(self.config.joint_names), self.layout.interface
+        )
+        # Reentrant: the command path reads the measured positions under the lock it already holds.
+        self._lock = threading.RLock()
+        self._joints: dict[str, deque[JointSample]] = {n: deque() for n in self.config.joint_names}
         self._frames: list[tuple[object, float] | None] = [None] * len(self.config.camera_topics)
-        self._last_command: np.ndarray | None = None
+        self._unstamped: set[str] = set()
+        self._target: np.ndarray | None = None  # the last decoded command, before the safety layer
+        self._stop_timer = None
         self._publish = self._make_publisher()
         self.node.create_subscription(JointState, self.config.joint_state_topic, self._on_joint_state, 10)
         for i, (topic, kind) in enumerate(zip(self.config.camera_topics, self.config.camera_types)):
@@ -168,34 +230,65 @@ class Ros2Robot:
             self.node.create_subscription(
                 msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos_profile_sensor_data
             )
-        self._executor = SingleThreadedExecutor()
+        self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self.node)
         self._spinner = threading.Thread(target=self._executor.spin, name="ros2-spin", daemon=True)
         self._spinner.start()
         logger.info(
-            "ROS 2: state from %s (%d joints), %d cameras, commands to %s as %s",
+            "ROS 2: state from %s (%d joints), %d cameras, commands to %s as %s (%s%s), %s clock; safety: %s",
             self.config.joint_state_topic,
             len(self.config.joint_names),
             len(self.config.camera_topics),
             self.config.command_topic,
             self.config.command_type,
+            self.layout.interface,
+            f", {self.config.trajectory_mode}" if self.config.command_type == "joint_trajectory" else "",
+            "sim" if self.node.get_parameter("use_sim_time").value else "system",
+            self.config.safety_config.describe(),
         )
 
     @property
     def num_joints(self) -> int:
         return len(self.config.joint_names)
 
+    @property
+    def action_width(self) -> int:
+        """Values of the model's action vector this robot uses (control_loop checks the model has them)."""
+        return self.layout.action_width
+
+    @property
+    def max_action_age_s(self) -> float | None:
+        return self.config.safety_config.max_action_age_s
+
+    @property
+    def follows_plans(self) -> bool:
+        """Whether follow_plan hands the controller whole trajectories (robot_client.control_loop)."""
+        return self.config.command_type == "joint_trajectory" and self.config.trajectory_mode == "chunk"
+
     def _with_parameters(self, config: Ros2Config) -> Ros2Config:
-        """Declare every setting as a ROS parameter (YAML value as default) and read back overrides."""
+        """Declare every scalar and list setting as a ROS parameter (YAML value as default), read back overrides."""
         values = asdict(config)
         for name, value in values.items():
-            if isinstance(value, list) and not value:
-                continue  # rclpy cannot infer the type of an empty list: such a setting comes from the YAML only
+            if name == "use_sim_time" or isinstance(value, dict) or (isinstance(value, list) and not value):
+                # use_sim_time: rclpy declares it itself. Mappings and empty lists (rclpy cannot
+                # type them) come from the YAML only.
+                continue
             values[name] = self.node.declare_parameter(name, value).value
-        values["joint_names"] = list(values["joint_names"])
-        values["camera_topics"] = list(values["camera_topics"])
-        values["camera_types"] = list(values["camera_types"])
+        for name in ("joint_names", "camera_topics", "camera_types", "state_layout", "action_layout"):
+            values[name] = list(values[name])
         return Ros2Config.from_dict(values)
+
+    def _now(self) -> float:
+        return self.node.get_clock().now().nanoseconds * 1e-9
+
+    def _stamp(self, msg, source: str) -> float:
+        stamp = msg.header.stamp
+        if stamp.sec == 0 and stamp.nanosec == 0:
+            if source not in self._unstamped:
+                self._unstamped.add(source)
+                logger.warning("%s: messages carry no header stamp; using their arrival time", source)
+            return self._now()
+        return stamp.sec + stamp.nanosec * 1e-9
 
     def _make_publisher(self):
         cfg = self.config
@@ -204,85 +297,197 @@ class Ros2Robot:
             from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
             publisher = self.node.create_publisher(JointTrajectory, cfg.command_topic, 10)
-            ahead = cfg.trajectory_time_from_start_s or 1.0 / cfg.control_frequency
-            sec = int(ahead)
-            reach = Duration(sec=sec, nanosec=round((ahead - sec) * 1e9))
+            first = cfg.trajectory_time_from_start_s or cfg.period_s
 
-            def publish(positions: list[float] | None) -> None:
-                # No positions: an empty trajectory, which stops the controller where it is.
-                points = [] if positions is None else [JointTrajectoryPoint(positions=positions, time_from_start=reach)]
-                publisher.publish(JointTrajectory(joint_names=list(cfg.joint_names), points=points))
+            def at(t: float) -> Duration:
+                sec = int(t)
+                return Duration(sec=sec, nanosec=round((t - sec) * 1e9))
+
+            def publish(rows: np.ndarray | None) -> None:
+                # Rows one period apart from the stamp; none: an empty trajectory, which stops the
+                # controller where it is.
+                message = JointTrajectory(joint_names=list(cfg.joint_names))
+                message.header.stamp = self.node.get_clock().now().to_msg()
+                if rows is not None:
+                    message.points = [
+                        JointTrajectoryPoint(positions=row.tolist(), time_from_start=at(first + i * cfg.period_s))
+                        for i, row in enumerate(np.atleast_2d(rows))
+                    ]
+                publisher.publish(message)
 
             return publish
         from std_msgs.msg import Float64MultiArray
 
         publisher = self.node.create_publisher(Float64MultiArray, cfg.command_topic, 10)
 
-        def publish(positions: list[float] | None) -> None:
-            if positions is not None:
-                publisher.publish(Float64MultiArray(data=positions))
+        def publish(rows: np.ndarray | None) -> None:
+            if rows is not None:
+                publisher.publish(Float64MultiArray(data=np.atleast_2d(rows)[0].tolist()))
 
         return publish
 
     # --- subscriptions (executor thread) -------------------------------------
 
     def _on_joint_state(self, msg) -> None:
-        now = self._clock()
+        stamp = self._stamp(msg, self.config.joint_state_topic)
         velocities = list(msg.velocity)
         with self._lock:
             for i, name in enumerate(msg.name):
-                velocity = velocities[i] if i < len(velocities) else 0.0
-                self._positions[name] = (float(msg.position[i]), float(velocity), now)
+                history = self._joints.get(name)
+                if history is None or i >= len(msg.position):
+                    continue
+                velocity = float(velocities[i]) if i < len(velocities) else float("nan")
+                history.append(JointSample(stamp, float(msg.position[i]), velocity))
+                while history and history[0].stamp < stamp - JOINT_HISTORY_S:
+                    history.popleft()
 
     def _on_frame(self, index: int, msg) -> None:
+        topic = self.config.camera_topics[index]
         try:
             frame = compressed_to_frame(msg) if self.config.camera_types[index] == "compressed" else image_to_rgb(msg)
         except ValueError as err:
-            logger.warning("camera %s: %s", self.config.camera_topics[index], err)
+            logger.warning("camera %s: %s", topic, err)
             return
+        stamp = self._stamp(msg, topic)
         with self._lock:
-            self._frames[index] = (frame, self._clock())
+            self._frames[index] = (frame, stamp)
 
     # --- RobotPort (control thread) ------------------------------------------
 
-    def observe(self) -> Observation:
-        now, cfg = self._clock(), self.config
+    def measured_positions(self) -> np.ndarray | None:
         with self._lock:
-            joints = [self._positions.get(name) for name in cfg.joint_names]
+            latest = [h[-1] if h else None for h in self._joints.values()]
+        return None if any(s is None for s in latest) else np.array([s.position for s in latest])
+
+    def observe(self) -> Observation:
+        cfg = self.config
+        now = self._now()
+        with self._lock:
+            histories = {name: list(h) for name, h in self._joints.items()}
             frames = list(self._frames)
-        missing = [name for name, j in zip(cfg.joint_names, joints) if j is None]
+        missing = [name for name, h in histories.items() if not h]
         if missing:
             raise ObservationUnavailable(f"{cfg.joint_state_topic}: no position yet for joints {missing}")
-        stale = [name for name, j in zip(cfg.joint_names, joints) if now - j[2] > cfg.max_sensor_age_s]
-        if stale:
-            raise ObservationUnavailable(f"{cfg.joint_state_topic}: joints {stale} older than {cfg.max_sensor_age_s} s")
         for topic, frame in zip(cfg.camera_topics, frames):
             if frame is None:
                 raise ObservationUnavailable(f"{topic}: no image yet")
-            if now - frame[1] > cfg.max_sensor_age_s:
-                raise ObservationUnavailable(f"{topic}: last image is {now - frame[1]:.2f} s old")
-        state = [j[0] for j in joints] + ([j[1] for j in joints] if cfg.include_velocity else [])
-        return Observation(images=[f[0] for f in frames], state=np.asarray(state, np.float32))
+        if frames:
+            stamps = [f[1] for f in frames]
+            if max(stamps) - min(stamps) > cfg.max_sensor_skew_s:
+                raise ObservationUnavailable(
+                    f"cameras out of step: frames {max(stamps) - min(stamps):.3f} s apart "
+                    f"(max_sensor_skew_s {cfg.max_sensor_skew_s})"
+                )
+            t = float(np.mean(stamps))
+        else:
+            t = min(h[-1].stamp for h in histories.values())
+        samples = [nearest(histories[name], t) for name in cfg.joint_names]
+        skew = max(abs(s.stamp - t) for s in samples)
+        if skew > cfg.max_sensor_skew_s:
+            raise ObservationUnavailable(
+                f"{cfg.joint_state_topic}: no joint state within {cfg.max_sensor_skew_s} s of the frames "
+                f"(nearest {skew:.3f} s away)"
+            )
+        age = now - t
+        if age > cfg.max_sensor_age_s or age < -cfg.max_sensor_skew_s:
+            hint = "" if abs(age) < 3600 else "; sensors and this node on different clocks? (use_sim_time)"
+            raise ObservationUnavailable(f"sensors are {age:.3f} s old (max_sensor_age_s {cfg.max_sensor_age_s}){hint}")
+        positions = np.array([s.position for s in samples])
+        velocities = np.array([s.velocity for s in samples])
+        if self.layout.needs_velocity and not np.isfinite(velocities).all():
+            raise ObservationUnavailable(f"{cfg.joint_state_topic}: the state layout needs velocities; none published")
+        state = self.layout.state_vector(positions, velocities)
+        return Observation(images=[f[0] for f in frames], state=state)
+
+    def _safe_commands(self, rows: np.ndarray) -> np.ndarray:
+        """Action rows -> joint commands through the layout and the safety layer (previewed, not committed)."""
+        measured = self.measured_positions()
+        if self.safety.last is None:
+            self.safety.reset(measured if self.layout.interface == "position" else None)
+        reference = self._target if self._target is not None else measured
+        targets = []
+        for row in rows:
+            reference = self.layout.command(row, reference)
+            targets.append(reference)
+        return np.asarray(targets), measured
 
     def apply_action(self, action: np.ndarray) -> None:
-        n = self.num_joints
-        if len(action) < n:
-            raise ValueError(f"action has {len(action)} values for {n} joints {self.config.joint_names}")
-        command = np.asarray(action[:n], dtype=np.float64)
-        self._last_command = command
-        self._publish(command.tolist())
+        with self._lock:
+            self._cancel_stop()
+            (target,), measured = self._safe_commands(np.atleast_2d(action))
+            self._target = target
+            command = self.safety.command(target, measured)
+        if not self.follows_plans:  # a trajectory controller is already executing this row
+            self._publish(command)
+
+    def follow_plan(self, rows: np.ndarray) -> None:
+        """The rows planned from this tick on, one period apart: one trajectory, replacing the tail."""
+        with self._lock:
+            self._cancel_stop()
+            targets, measured = self._safe_commands(rows)
+            trajectory = self.safety.preview(targets, measured)
+            self._target = targets[0]
+            self.safety.command(targets[0], measured)
+        self._publish(trajectory)
 
     def hold(self) -> None:
+        with self._lock:
+            if self.layout.interface == "velocity":
+                self._start_stop()
+                return
+            last = self.safety.last
+            self.safety.reset(None)
+            self._target = None
         if self.config.command_type == "joint_trajectory":
             self._publish(None)
-        elif self.config.hold_command == "zero":
-            self._publish([0.0] * self.num_joints)
-        elif self._last_command is not None:
-            self._publish(self._last_command.tolist())
+        elif last is not None:
+            self._publish(last)
 
-    def close(self) -> None:
+    # --- velocity hold: a ramp down on the node's own timer -------------------
+
+    def _start_stop(self) -> None:
+        if self._stop_timer is None:
+            from rclpy.clock import Clock, ClockType
+
+            # Steady time: a ramp that follows sim time would stall if the simulator paused.
+            self._stop_timer = self.node.create_timer(
+                self.config.period_s, self._stop_step, clock=Clock(clock_type=ClockType.STEADY_TIME)
+            )
+            self._stop_step_locked()
+
+    def _stop_step(self) -> None:
+        with self._lock:
+            self._stop_step_locked()
+
+    def _stop_step_locked(self) -> None:
+        velocity = self.safety.stopping()
+        if velocity is None:
+            velocity = np.zeros(self.num_joints)
+            self._cancel_stop()
+            self.safety.reset(None)
+            self._target = None
+        self._publish(velocity)
+
+    def _cancel_stop(self) -> None:
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self.node.destroy_timer(self._stop_timer)
+            self._stop_timer = None
+
+    @property
+    def stopping(self) -> bool:
+        with self._lock:
+            return self._stop_timer is not None
+
+    def close(self, stop_timeout_s: float = 5.0) -> None:
+        """Let a velocity ramp finish (never leave a robot moving), then leave the ROS graph."""
+        import time
+
+        deadline = time.monotonic() + stop_timeout_s
+        while self.stopping and time.monotonic() < deadline:
+            time.sleep(self.config.period_s)
         self._executor.shutdown()
         self._spinner.join(timeout=2.0)
         self.node.destroy_node()
-        if self._owns_rclpy and self._rclpy.ok():
-            self._rclpy.shutdown()
+        if self._context.ok():
+            self._context.shutdown()

@@ -37,6 +37,10 @@ class LoopStats:
         self.requests = 0
         self.server_drops = 0  # observations the server dropped as too late to answer in time
         self.failures: Counter[str] = Counter()
+        # Interventions between the plan and the motors: the loop's own (actions too old to run)
+        # and those of the robot's safety layer (robot_client/safety.py), read when reported.
+        self.safety: Counter[str] = Counter()
+        self.safety_sources: list[Counter[str]] = []
         self.verdicts: Counter[Verdict] = Counter()
         self.latency_ms: deque[float] = deque(maxlen=_KEEP)
         self.inference_ms: deque[float] = deque(maxlen=_KEEP)
@@ -71,6 +75,12 @@ class LoopStats:
 
     # --- reporting --------------------------------------------------------
 
+    def interventions(self) -> Counter[str]:
+        total = Counter(self.safety)
+        for source in self.safety_sources:
+            total.update(source)
+        return total
+
     def summary(self) -> dict:
         lat50, lat95, lat_max = _percentiles(self.latency_ms, 50, 95, 100)
         late50, late99, late_max = _percentiles(self.lateness_ms, 50, 99, 100)
@@ -86,6 +96,7 @@ class LoopStats:
             "chunks_dropped": {v.name.lower(): n for v, n in self.verdicts.items() if v is not Verdict.ACCEPTED},
             "server_drops": self.server_drops,
             "failures": dict(self.failures),
+            "safety": dict(self.interventions()),
             "latency_ms": {"p50": lat50, "p95": lat95, "max": lat_max},
             "server_inference_ms_p50": _percentiles(self.inference_ms, 50)[0],
             "server_queue_ms_p50": _percentiles(self.queue_ms, 50)[0],
@@ -110,4 +121,5 @@ class LoopStats:
             f"overlap rows mean={s['overlap_rows_mean']:.1f} disagreement max={s['overlap_disagreement_max']:.3f} "
             f"seam step max={s['seam_step_max']:.3f} | "
             f"failures={sum(s['failures'].values())}"
+            + (" | safety " + " ".join(f"{k}={v}" for k, v in sorted(s["safety"].items())) if s["safety"] else "")
         )

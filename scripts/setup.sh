@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ]; then
     if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
     fi
-    .venv/bin/python -m pip install --quiet -e ".[server,sim,dev]"
+    .venv/bin/python -m pip install --quiet -e ".[server,sim,dev,ros2]"
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

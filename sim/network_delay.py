@@ -31,7 +31,8 @@ class DelayedPolicyClient(PolicyClient):
     """A PolicyClient whose channel adds `delay_ms` each way (unary mode only)."""
 
     def __init__(self, address: str, delay_ms: float = 0.0, **kw):
-        if kw.get("mode", "unary") != "unary":
+        kw.setdefault("mode", "unary")  # the delay is modelled for unary calls; PolicyClient defaults to stream
+        if kw["mode"] != "unary":
             raise ValueError("added delay is modelled for unary calls only")
         super().__init__(address, **kw)
         self.delay_ms = delay_ms

@@ -171,6 +171,17 @@ def test_every_call_carries_the_api_key_and_prefix_goes_on_the_wire(server, mode
         client.close()
 
 
+def test_by_default_every_chunk_is_asked_for_on_one_stream(server):
+    client = client_for(server)
+    try:
+        for _ in range(3):
+            client.get_action_chunk(observation(), "pick")
+    finally:
+        client.close()
+    calls = server.policy.calls
+    assert calls["stream"] == 1 and calls["stream_message"] == 3 and calls["unary"] == 0
+
+
 @pytest.mark.parametrize("mode", ["unary", "stream"])
 def test_a_rejected_observation_is_not_retried_and_says_why(server, mode):
     client = client_for(server, mode=mode)
@@ -254,13 +265,14 @@ def test_the_loop_rides_out_an_in_band_drop_on_the_same_stream_and_uses_the_next
     assert ttl[0] == pytest.approx(1000.0) and all(0 < t <= 8 / 30 * 1e3 + 1e-3 for t in ttl[1:])
 
 
-def test_a_wrong_key_is_not_retried(server):
-    client = client_for(server, api_key="wrong")
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_a_wrong_key_is_not_retried(server, mode):
+    client = client_for(server, api_key="wrong", mode=mode)
     try:
         server.policy.behaviour = "unauth"
         with pytest.raises(AuthenticationFailed, match="API key given was refused"):
             client.get_action_chunk(observation(), "pick", attempts=5)
-        assert server.policy.calls["unary"] == 1
+        assert server.policy.calls[mode] == 1
     finally:
         client.close()
 

@@ -226,8 +226,6 @@ def test_cli_runs_the_replay_robot_closed_loop(demo_app, tmp_path):
         "10",
         "--robot",
         "replay",
-        "--mode",
-        "stream",
         "--duration",
         "2",
         "--stats_json",
@@ -237,6 +235,7 @@ def test_cli_runs_the_replay_robot_closed_loop(demo_app, tmp_path):
     stats = json.loads(out.read_text())
     assert stats["acted"] >= 50 and stats["starved"] <= 3 and stats["chunks_accepted"] >= 4
     assert "final stats: ticks=" in result.stderr  # the numbers are logged, not only written
+    assert "mode stream" in result.stderr  # the default
 
 
 def test_wrong_address_gives_a_clear_message():
