@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -399,8 +400,8 @@ class Ros2Robot:
         state = self.layout.state_vector(positions, velocities)
         return Observation(images=[f[0] for f in frames], state=state)
 
-    def _safe_commands(self, rows: np.ndarray) -> np.ndarray:
-        """Action rows -> joint commands through the layout and the safety layer (previewed, not committed)."""
+    def _targets(self, rows: np.ndarray) -> np.ndarray:
+        """Action rows -> joint targets through the layout (before the safety layer), and the measured positions."""
         measured = self.measured_positions()
         if self.safety.last is None:
             self.safety.reset(measured if self.layout.interface == "position" else None)
@@ -414,7 +415,7 @@ class Ros2Robot:
     def apply_action(self, action: np.ndarray) -> None:
         with self._lock:
             self._cancel_stop()
-            (target,), measured = self._safe_commands(np.atleast_2d(action))
+            (target,), measured = self._targets(np.atleast_2d(action))
             self._target = target
             command = self.safety.command(target, measured)
         if not self.follows_plans:  # a trajectory controller is already executing this row
@@ -424,7 +425,7 @@ class Ros2Robot:
         """The rows planned from this tick on, one period apart: one trajectory, replacing the tail."""
         with self._lock:
             self._cancel_stop()
-            targets, measured = self._safe_commands(rows)
+            targets, measured = self._targets(rows)
             trajectory = self.safety.preview(targets, measured)
             self._target = targets[0]
             self.safety.command(targets[0], measured)
@@ -481,8 +482,6 @@ class Ros2Robot:
 
     def close(self, stop_timeout_s: float = 5.0) -> None:
         """Let a velocity ramp finish (never leave a robot moving), then leave the ROS graph."""
-        import time
-
         deadline = time.monotonic() + stop_timeout_s
         while self.stopping and time.monotonic() < deadline:
             time.sleep(self.config.period_s)

@@ -10,10 +10,12 @@ records the time to starvation the real worker would have sent with it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from policy_wire import robot_inference_pb2 as pb
 from robot_client.errors import PolicyError, ServerUnavailable
 from robot_client.inference_worker import InferenceResult, time_to_starvation_ms
 from robot_client.policy_client import ActionChunk
@@ -47,6 +49,39 @@ def demo_spec(action_dim: int = 4, chunk_length: int = 16, max_delay: int = 16) 
         max_delay=max_delay,
         max_prompt_bytes=2048,
     )
+
+
+def health_reply(model_name: str, chunk_length: int = 8) -> pb.HealthCheckResponse:
+    """What an in-test RobotPolicyService answers to HealthCheck: a warm 2-camera 96x96 model."""
+    return pb.HealthCheckResponse(
+        healthy=True,
+        warmed_up=True,
+        status="SERVING",
+        model_name=model_name,
+        num_cameras=2,
+        min_cameras=1,
+        image_height=96,
+        image_width=96,
+        state_dim=32,
+        action_dim=4,
+        chunk_length=chunk_length,
+        max_delay=8,
+    )
+
+
+def run_in_thread(loop):
+    """Run a ControlLoop until the returned event is set; its stats or its error land in `outcome`."""
+    stop, outcome = threading.Event(), {}
+
+    def run():
+        try:
+            outcome["stats"] = loop.run(stop=stop)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="control-loop", daemon=True)
+    thread.start()
+    return stop, thread, outcome
 
 
 def small_robot(clock) -> ReplayRobot:

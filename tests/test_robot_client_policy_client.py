@@ -35,7 +35,7 @@ from robot_client.policy_client import PolicyClient
 from robot_client.robot import Observation
 from tests.conftest import free_port
 from tests.payloads import frame
-from tests.robot_client_fixtures import FakeClock, small_robot
+from tests.robot_client_fixtures import FakeClock, health_reply, small_robot
 
 DROP_REASON = "time to starvation 4 ms is shorter than the next pass (38 ms): dropped before the forward pass"
 
@@ -58,20 +58,7 @@ class FakePolicy(pb_grpc.RobotPolicyServiceServicer):
     def HealthCheck(self, request, context):
         self.calls["health"] += 1
         self._key(context)
-        return pb.HealthCheckResponse(
-            healthy=True,
-            warmed_up=True,
-            status="SERVING",
-            model_name="fake",
-            num_cameras=2,
-            min_cameras=1,
-            image_height=96,
-            image_width=96,
-            state_dim=32,
-            action_dim=4,
-            chunk_length=self.chunk_length,
-            max_delay=8,
-        )
+        return health_reply("fake", self.chunk_length)
 
     def _answer(self, request) -> pb.ActionChunkResponse:
         self.requests.append(request)

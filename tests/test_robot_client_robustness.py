@@ -36,7 +36,7 @@ from robot_client.policy_client import PolicyClient
 from robot_client.robot import Observation
 from tests.conftest import free_port
 from tests.payloads import frame
-from tests.robot_client_fixtures import small_robot
+from tests.robot_client_fixtures import health_reply, run_in_thread, small_robot
 
 BACKPRESSURE = "Request dropped due to backpressure"  # what Serve's ingress says with its queue full
 
@@ -71,20 +71,7 @@ class Overloaded(pb_grpc.RobotPolicyServiceServicer):
     def HealthCheck(self, request, context):
         self.peers.append(context.peer())
         self.health += 1
-        return pb.HealthCheckResponse(
-            healthy=True,
-            warmed_up=True,
-            status="SERVING",
-            model_name="overloaded",
-            num_cameras=2,
-            min_cameras=1,
-            image_height=96,
-            image_width=96,
-            state_dim=32,
-            action_dim=4,
-            chunk_length=8,
-            max_delay=8,
-        )
+        return health_reply("overloaded")
 
     def GetActionChunk(self, request, context):
         self.peers.append(context.peer())
@@ -143,20 +130,6 @@ class FaultyClient(PolicyClient):
 
 def observation() -> Observation:
     return Observation(images=[frame(120, 160), frame(120, 160, seed=1)], state=np.linspace(-1, 1, 6))
-
-
-def run_in_thread(loop: ControlLoop):
-    stop, outcome = threading.Event(), {}
-
-    def run():
-        try:
-            outcome["stats"] = loop.run(stop=stop)
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="control-loop", daemon=True)
-    thread.start()
-    return stop, thread, outcome
 
 
 def config() -> LoopConfig:

@@ -313,6 +313,16 @@ def test_settings_come_from_a_ros2_params_file_and_ros_args_override_them(driver
 # --- with the control loop --------------------------------------------------------
 
 
+def scripted_run(robot) -> tuple[ControlLoop, ScriptedWorker]:
+    """One second of the control loop at 30 Hz on a fake clock, a scripted server answering 16-row chunks."""
+    clock = FakeClock()
+    worker = ScriptedWorker(clock, latency_s=0.05, action_dim=8)
+    loop = ControlLoop(robot, None, demo_spec(action_dim=8), LoopConfig(prompt="pick", control_frequency=30),
+                       clock=clock, sleep=clock.sleep, worker=worker)
+    loop.run(duration_s=1.0)
+    return loop, worker
+
+
 def test_the_control_loop_drives_the_ros2_robot_end_to_end(driver, make_robot):
     from std_msgs.msg import Float64MultiArray
 
@@ -325,11 +335,7 @@ def test_the_control_loop_drives_the_ros2_robot_end_to_end(driver, make_robot):
     for cam in ("/a/compressed", "/b/compressed"):
         driver.compressed(cam, jpeg, fmt="jpeg", stamp=t)
     observed(robot)
-    clock = FakeClock()
-    worker = ScriptedWorker(clock, latency_s=0.05, action_dim=8)
-    loop = ControlLoop(robot, None, demo_spec(action_dim=8), LoopConfig(prompt="pick", control_frequency=30),
-                       clock=clock, sleep=clock.sleep, worker=worker)
-    loop.run(duration_s=1.0)
+    loop, worker = scripted_run(robot)
     acts = [r for r in loop.trace if r.kind == "act"]
     commands = wait_until(lambda: len(driver.messages(topic)) >= len(acts) + 1 and driver.messages(topic), 5.0,
                           "every command")
@@ -350,11 +356,7 @@ def test_the_control_loop_sends_a_trajectory_per_chunk_and_not_per_tick(driver, 
     commanded(robot, driver, topic, JointTrajectory)
     driver.joint_state(JOINTS, [1, 2, 3, 4])
     observed(robot)
-    clock = FakeClock()
-    worker = ScriptedWorker(clock, latency_s=0.05, action_dim=8)
-    loop = ControlLoop(robot, None, demo_spec(action_dim=8), LoopConfig(prompt="pick", control_frequency=30),
-                       clock=clock, sleep=clock.sleep, worker=worker)
-    loop.run(duration_s=1.0)
+    loop, worker = scripted_run(robot)
     accepted = loop.stats.summary()["chunks_accepted"]
     sent = wait_until(lambda: len(driver.messages(topic)) >= accepted + 1 and driver.messages(topic), 5.0,
                       "a trajectory per chunk and the stop")

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ from robot_client.replay_robot import ReplayRobot, synthetic_recording
 from robot_client.robot import Observation
 from tests.conftest import APP_NAME, REPO_ROOT, free_port
 from tests.payloads import frame
+from tests.robot_client_fixtures import run_in_thread
 
 pytestmark = pytest.mark.serve
 HZ = 30
@@ -60,17 +60,7 @@ def start_loop(address, mode, robot=None, **config):
     client = RecordingClient(address, mode=mode, timeout_s=5.0)
     robot = robot or replay_robot()
     loop = ControlLoop.connect(robot, client, LoopConfig(prompt="pick up the cube", control_frequency=HZ, **config), 20)
-    stop = threading.Event()
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["stats"] = loop.run(stop=stop)
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="control-loop", daemon=True)
-    thread.start()
+    stop, thread, outcome = run_in_thread(loop)
     return loop, robot, client, stop, thread, outcome
 
 
