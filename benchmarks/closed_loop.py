@@ -1,6 +1,6 @@
 """Closed-loop evaluation: the simulated robot does its task through the whole served stack.
 
-    python -m benchmarks.closed_loop                  # 20 seeded episodes per condition (~10 min)
+    python -m benchmarks.closed_loop                  # 20 seeded episodes per condition (~15 min)
     python -m benchmarks.closed_loop --episodes 3     # a quick look
     python -m benchmarks.closed_loop --address 127.0.0.1:50051   # use an app that is already running
 
@@ -8,8 +8,10 @@ SimRobot (sim/robot.py, real time) -> robot_client's ControlLoop and PolicyClien
 (unary gRPC) -> Serve's gRPC proxy -> RobotPolicy replica -> back, for the bundled
 demo checkpoint, with 0, 50 and 150 ms of added latency each way (injected in the
 client's channel, sim/network_delay.py), under synchronous and asynchronous chunk
-execution (sim/episode.py). The scripted expert and a random policy play the same
-seeded episodes in simulated time (no network) for reference.
+execution (sim/episode.py). The same arm as a ROS 2 robot (sim/ros2_sim.py on DDS over
+loopback, driven through robot_client's Ros2Robot configured by sim/reacher_ros2.yaml, safety
+layer included) plays the same episodes at 0 and 150 ms (`--ros2_delays`). The scripted expert
+and a random policy play the same seeded episodes in simulated time (no network) for reference.
 
 Writes benchmarks/results/closed_loop.json and closed_loop.png.
 """
@@ -29,7 +31,7 @@ import numpy as np
 from benchmarks.run import environment, free_port
 from benchmarks.servers import REPO_ROOT, ray_serve
 from sim.agents import ExpertAgent, RandomAgent, run_sim_episodes
-from sim.episode import EXECUTIONS, run_episode
+from sim.episode import EXECUTIONS, ROS2_ROBOT_YAML, Episodes, ros2_robot, run_episode
 from sim.network_delay import DelayedPolicyClient
 from sim.robot import SimRobot
 from sim.scene import CONTROL_DT, EPISODE_TICKS, SUCCESS_HOLD_TICKS, SUCCESS_RADIUS, TARGETS_PER_EPISODE
@@ -37,6 +39,7 @@ from sim.scene import CONTROL_DT, EPISODE_TICKS, SUCCESS_HOLD_TICKS, SUCCESS_RAD
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 FIRST_SEED = 10_000  # evaluation seeds; training demonstrations use seeds 0..episodes-1
 USER_CONFIG = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002}
+PORTS = {"sim": "SimRobot, in process", "ros2": "ROS 2 topics (Ros2Robot)"}
 
 
 def task_definition() -> dict:
@@ -51,36 +54,44 @@ def task_definition() -> dict:
     }
 
 
-def served_condition(address: str, seeds: list[int], delay_ms: float, execution: str, robot: SimRobot) -> dict:
+def served_condition(address: str, seeds: list[int], delay_ms: float, execution: str, robot,
+                     sim: Episodes | None = None, port: str = "sim") -> dict:
+    """Episodes of one condition; robot: the port the loop drives, sim: what runs the episodes (default: robot)."""
     client = DelayedPolicyClient(address, delay_ms=delay_ms, timeout_s=10.0, mode="unary")  # delay: unary only
     episodes = []
     try:
         client.wait_ready(60.0)
-        run_episode(robot, client, seeds[0], execution)  # warm-up: connection, first-call costs (not scored)
+        run_episode(robot, client, seeds[0], execution, episodes=sim)  # warm-up: first-call costs (not scored)
         for seed in seeds:
-            record, stats = run_episode(robot, client, seed, execution)
+            record, stats = run_episode(robot, client, seed, execution, episodes=sim)
             episodes.append({
                 "seed": seed, "success": record.success, "targets": record.reached,
                 "reached_at_s": [round(t * CONTROL_DT, 2) for t in record.reached_at],
                 "ticks": stats["ticks"], "starved": stats["starved"], "held_ticks": stats["held_ticks"],
                 "latency_ms_p50": stats["latency_ms"]["p50"], "late_physics_ticks": record.late_ticks,
+                "safety": stats["safety"],
             })
     finally:
         client.close()
     ticks = sum(e["ticks"] for e in episodes)
     latencies = [e["latency_ms_p50"] for e in episodes if np.isfinite(e["latency_ms_p50"])]
+    safety = {}
+    for e in episodes:
+        for kind, n in e["safety"].items():
+            safety[kind] = safety.get(kind, 0) + n
     summary = {
-        "delay_ms_each_way": delay_ms, "execution": execution,
+        "port": port, "delay_ms_each_way": delay_ms, "execution": execution,
         "success_rate": float(np.mean([e["success"] for e in episodes])),
         "mean_targets": float(np.mean([e["targets"] for e in episodes])),
         "starvation": sum(e["starved"] for e in episodes) / max(1, ticks),  # ticks with no fresh action / ticks
         "round_trip_ms_p50": float(np.median(latencies)) if latencies else float("nan"),
         "late_physics_ticks": sum(e["late_physics_ticks"] for e in episodes),
+        "safety_ticks": safety,  # ticks the safety layer changed a command, by kind (robot_client/safety.py)
         "episodes": episodes,
     }
     logging.getLogger("closed_loop").warning(
-        "served %s %3.0f ms: success %.0f%%, %.2f targets, starvation %.0f%%, round trip p50 %.0f ms",
-        execution, delay_ms, 100 * summary["success_rate"], summary["mean_targets"], 100 * summary["starvation"],
+        "served %s %s %3.0f ms: success %.0f%%, %.2f targets, starvation %.0f%%, round trip p50 %.0f ms",
+        port, execution, delay_ms, 100 * summary["success_rate"], summary["mean_targets"], 100 * summary["starvation"],
         summary["round_trip_ms_p50"])
     return summary
 
@@ -92,11 +103,16 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
-    for execution, style in zip(EXECUTIONS, ("o-", "s--")):
-        rows = sorted((r for r in results["served"] if r["execution"] == execution), key=lambda r: r["delay_ms_each_way"])
-        delays = [r["delay_ms_each_way"] for r in rows]
-        ax_s.plot(delays, [100 * r["success_rate"] for r in rows], style, label=f"served, {execution}")
-        ax_t.plot(delays, [100 * r["starvation"] for r in rows], style, label=f"served, {execution}")
+    for port, color in (("sim", "C0"), ("ros2", "C1")):
+        for execution, style in zip(EXECUTIONS, ("o-", "s--")):
+            rows = sorted((r for r in results["served"] if r["execution"] == execution and r.get("port", "sim") == port),
+                          key=lambda r: r["delay_ms_each_way"])
+            if not rows:
+                continue
+            delays = [r["delay_ms_each_way"] for r in rows]
+            label = f"{'ROS 2' if port == 'ros2' else 'SimRobot'}, {execution}"
+            ax_s.plot(delays, [100 * r["success_rate"] for r in rows], style, color=color, label=label)
+            ax_t.plot(delays, [100 * r["starvation"] for r in rows], style, color=color, label=label)
     ax_s.axhline(100 * results["expert"]["success_rate"], color="green", lw=1, ls=":", label="expert (no network)")
     ax_s.axhline(100 * results["random"]["success_rate"], color="grey", lw=1, ls=":", label="random (no network)")
     ax_s.set(xlabel="added latency each way (ms)", ylabel="episodes succeeded (%)", ylim=(-5, 105), title="task success")
@@ -115,6 +131,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.closed_loop", description=__doc__.splitlines()[0])
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--delays", default="0,50,150", help="added latency each way, ms, comma-separated")
+    p.add_argument("--ros2_delays", default="0,150", help="the same over ROS 2 topics; empty: none")
     p.add_argument("--address", default=None, help="an app already serving the checkpoint (default: start one)")
     p.add_argument("--out", type=Path, default=RESULTS / "closed_loop.json")
     args = p.parse_args(argv)
@@ -142,6 +159,10 @@ def main(argv=None) -> None:
                 results["served"] = [served_condition(address, seeds, d, ex, robot) for d in delays for ex in EXECUTIONS]
             finally:
                 robot.close()
+            ros2_delays = [float(d) for d in args.ros2_delays.split(",") if d.strip()]
+            if ros2_delays:
+                results["ros2_robot"] = ROS2_ROBOT_YAML.read_text()
+                results["served"] += ros2_conditions(address, seeds, ros2_delays)
         finally:
             if server is not None:
                 server.stop()
@@ -153,15 +174,29 @@ def main(argv=None) -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {results['wall_s']:.0f} s")
 
 
+def ros2_conditions(address: str, seeds: list[int], delays: list[float]) -> list[dict]:
+    """The ROS 2 rows: the sim node and robot_client's ROS 2 port, in this process, on loopback DDS."""
+    closing = []
+    try:
+        robot, sim = ros2_robot(closing)
+        return [served_condition(address, seeds, d, ex, robot, sim, "ros2") for d in delays for ex in EXECUTIONS]
+    finally:
+        for thing in reversed(closing):
+            thing.close()
+
+
 def table(results: dict) -> str:
-    lines = ["| policy | execution | added latency each way | success | targets / 3 | starvation | round trip p50 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| policy | robot port | execution | added latency each way | success | targets / 3 | starvation | "
+             "round trip p50 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ("expert", "random"):
         r = results[name]
-        lines.append(f"| {name} (in simulation, no network) | every tick | - | {r['success_rate']:.0%} | {r['mean_targets']:.2f} | - | - |")
+        lines.append(f"| {name} (in simulation, no network) | - | every tick | - | {r['success_rate']:.0%} | "
+                     f"{r['mean_targets']:.2f} | - | - |")
     for r in results["served"]:
-        lines.append(f"| served demo checkpoint | {r['execution']} | {r['delay_ms_each_way']:.0f} ms | {r['success_rate']:.0%} | "
-                     f"{r['mean_targets']:.2f} | {r['starvation']:.0%} | {r['round_trip_ms_p50']:.0f} ms |")
+        lines.append(f"| served demo checkpoint | {PORTS[r.get('port', 'sim')]} | {r['execution']} | "
+                     f"{r['delay_ms_each_way']:.0f} ms | {r['success_rate']:.0%} | {r['mean_targets']:.2f} | "
+                     f"{r['starvation']:.0%} | {r['round_trip_ms_p50']:.0f} ms |")
     return "\n".join(lines)
 
 

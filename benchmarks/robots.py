@@ -149,11 +149,15 @@ async def _robot(address: str, robot: int, scenario: Scenario, t_end: float, log
 
 
 async def play(address: str, scenario: Scenario, metadata=()) -> tuple[list[RobotLog], float]:
-    """Run the scenario; return one log per robot and the measured wall time."""
+    """Run the scenario; return one log per robot and the measured wall time.
+
+    `metadata`: sent by every robot, or a function of the robot's index (its own robot_id and model)."""
     logs = [RobotLog() for _ in range(scenario.robots)]
+    metadata_of = metadata if callable(metadata) else (lambda robot: metadata)
     start = time.perf_counter()
     t_end = start + scenario.seconds
-    await asyncio.gather(*(_robot(address, i, scenario, t_end, logs[i], metadata) for i in range(scenario.robots)))
+    await asyncio.gather(*(_robot(address, i, scenario, t_end, logs[i], metadata_of(i))
+                           for i in range(scenario.robots)))
     return logs, time.perf_counter() - start
 
 

@@ -171,17 +171,19 @@ def serve_config(port: int, http_port: int, user_config: dict, out: Path, extra_
 
 def ray_serve(name: str, port: int, http_port: int, user_config: dict, work: Path, standard_proxy: bool = False,
               deployment: dict | None = None, checkpoint: Path = DEMO_CHECKPOINT,
-              extra_args: dict | None = None) -> ServerUnderTest:
+              extra_args: dict | None = None, dashboard: bool = False, env: dict | None = None) -> ServerUnderTest:
     """Our app from serve_config.yaml, started like the README's `serve run` but without the dashboard
     (the launcher does the same deploy; the dashboard would only add noise and port clashes).
     The ingress is Serve's throughput-optimised one unless `standard_proxy`; `deployment`
     overrides keys of the deployment's config (e.g. num_replicas), `extra_args` adds application
-    args (e.g. torch_threads)."""
+    args (e.g. torch_threads). `dashboard`: start Ray's dashboard too, which is what writes the
+    Prometheus service discovery file (testbed/prometheus.py); `env` adds variables for the cluster."""
     config = serve_config(port, http_port, user_config, work / f"{name}.yaml", extra_args, deployment, checkpoint)
     argv = [sys.executable, "-m", "serve_app", f"--config_path={checkpoint}", f"--server.port={port}",
-            f"--serve_config={config}", "--address=local", "--no_dashboard"]
+            f"--serve_config={config}", "--address=local"] + ([] if dashboard else ["--no_dashboard"])
     # Its own ports (testbed.cluster_ports): the servers of one run are up together.
-    return ServerUnderTest(name, argv + (["--standard_proxy"] if standard_proxy else []), port, env=private_ports_env())
+    return ServerUnderTest(name, argv + (["--standard_proxy"] if standard_proxy else []), port,
+                           env={**private_ports_env(), **(env or {})})
 
 
 def direct(port: int, checkpoint: Path, torch_threads: int = 1) -> ServerUnderTest:

@@ -3,7 +3,8 @@
 Accepts the command line OpenTau documents for its client:
     python -m robot_client --server_address HOST:PORT --prompt "pick up the red block" \\
         --control_frequency 30 --num_cameras 2 --timeout 30
-plus --api-key, --mode unary|stream and --robot replay|ros2 (see --help).
+plus --api-key, --mode unary|stream, --robot replay|ros2, and --model / --robot_id for a server
+that serves several policies (see --help).
 Arguments after `--ros-args` go to rclpy untouched.
 """
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 
@@ -60,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODE,
         help=f"unary: one call per chunk; stream: one bidirectional stream (default: {DEFAULT_MODE})",
     )
+    ours.add_argument("--model", default=None, metavar="NAME",
+                      help="which of the server's policies (a name from its args.checkpoints), sent as metadata "
+                           "multiplexed_model_id on every call; default: the server's default policy")
+    ours.add_argument("--robot_id", default=socket.gethostname(), metavar="ID",
+                      help="this robot's name in the server's per-robot metrics, sent as metadata robot_id "
+                           "(default: the hostname; '' sends none)")
     ours.add_argument("--stream_max_age", type=float, default=STREAM_MAX_AGE_S, metavar="S",
                       help="--mode stream: open a fresh stream between requests once one is this old, so a "
                            "server-side reload (HAProxy ingress) never cuts one mid-run")
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             stream_max_age_s=args.stream_max_age,
+            model=args.model,
+            robot_id=args.robot_id,
         )
         robot, frequency = choose_robot(args, 30.0)
         config = LoopConfig(

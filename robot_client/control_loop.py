@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from robot_client.chunk_executor import ChunkExecutor, ExecutorConfig, PlannedAction, Verdict
-from robot_client.errors import ObservationDropped, PolicyError
+from robot_client.errors import ObservationDropped, PolicyError, ServerOverloaded
 from robot_client.inference_worker import InferenceResult, InferenceWorker
 from robot_client.policy_client import PolicyClient
 from robot_client.robot import Observation, ObservationUnavailable, RobotPort
@@ -103,7 +103,7 @@ class ControlLoop:
         self.stats = LoopStats()
         counters = getattr(getattr(robot, "safety", None), "counters", None)
         if counters is not None:
-            self.stats.safety_sources.append(counters)
+            self.stats.count_safety_of(counters)
         # A port that hands its controller whole trajectories (ROS 2 joint trajectory controller)
         # gets the plan at each merge and after a hold; on the other ticks only its action.
         self._follows_plans = bool(getattr(robot, "follows_plans", False))
@@ -115,6 +115,7 @@ class ControlLoop:
         self._last_action: np.ndarray | None = None
         self._in_gap = False
         self._dropping = False  # the last answer was a server drop: log the next ones quietly
+        self._overloaded = False  # the last answer was RESOURCE_EXHAUSTED: log the next ones quietly
         self._observe_complaint = ""
         self._t0: float | None = None  # clock time of tick 0, set by run()
 
@@ -238,7 +239,7 @@ class ControlLoop:
             elif self._in_gap:
                 self._in_gap = False
                 logger.info("policy server answering again (replica %s)", chunk.replica_id)
-            self._dropping = False
+            self._dropping = self._overloaded = False
             return
         self.executor.request_failed(result.request)
         error = result.error
@@ -255,6 +256,14 @@ class ControlLoop:
         if not error.transient:
             self.error = error
             return
+        if isinstance(error, ServerOverloaded):
+            # The server is up and refused this one call: the channel stays, chunks already asked
+            # for still count (no new epoch), and the client paces its next attempt.
+            log = logger.debug if self._overloaded else logger.warning
+            log("%s; retrying on the same connection after a pause", error)
+            self._overloaded = True
+            return
+        self._overloaded = False
         self.executor.connection_lost()
         if not self._in_gap:
             self._in_gap = True

@@ -2,7 +2,9 @@
 
 What it adds to the bare stub, and nothing more:
 - OpenTau's channel options (100 MB messages, keepalive every 10 s);
-- `x-api-key` metadata and a deadline on every call;
+- `x-api-key` metadata and a deadline on every call, and the model and robot
+  this client is (`multiplexed_model_id`, `robot_id`: several policies behind
+  one server, docs/fleet.md);
 - gRPC failures mapped to errors that say what to do (robot_client.errors);
 - reconnect after a transient failure, paced by a Backoff, and a connection
   `epoch` that counts the gaps so callers can tell pre-gap answers apart; an
@@ -52,6 +54,8 @@ logger = logging.getLogger("robot_client")
 
 API_KEY_METADATA = "x-api-key"
 API_KEY_ENV = "INFERENCE_API_KEY"  # what OpenTau's server reads; our client reads it too
+MODEL_METADATA = "multiplexed_model_id"  # which of the server's models (Ray Serve's own key); none: its default
+ROBOT_METADATA = "robot_id"  # who is asking: labels the server's per-robot metrics
 MAX_MESSAGE_BYTES = 100 * 1024 * 1024
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -143,6 +147,8 @@ class PolicyClient:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         stream_max_age_s: float = STREAM_MAX_AGE_S,
+        model: str | None = None,
+        robot_id: str | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -154,7 +160,15 @@ class PolicyClient:
         self.jpeg_quality = jpeg_quality
         self.backoff = backoff or Backoff()
         self._api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
-        self._metadata = ((API_KEY_METADATA, self._api_key),) if self._api_key else ()
+        self.model, self.robot_id = model or None, robot_id or None
+        # Sent on every call, HealthCheck and streams included: the server answers each with the
+        # named model, so the spec read at HealthCheck is the one the chunks come from.
+        self._metadata = tuple(
+            (key, value)
+            for key, value in ((API_KEY_METADATA, self._api_key), (MODEL_METADATA, self.model),
+                               (ROBOT_METADATA, self.robot_id))
+            if value
+        )
         self._lock = threading.RLock()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.RobotPolicyServiceStub | None = None

@@ -40,7 +40,7 @@ class LoopStats:
         # Interventions between the plan and the motors: the loop's own (actions too old to run)
         # and those of the robot's safety layer (robot_client/safety.py), read when reported.
         self.safety: Counter[str] = Counter()
-        self.safety_sources: list[Counter[str]] = []
+        self._safety_sources: list[tuple[Counter[str], Counter[str]]] = []  # (live counters, at start)
         self.verdicts: Counter[Verdict] = Counter()
         self.latency_ms: deque[float] = deque(maxlen=_KEEP)
         self.inference_ms: deque[float] = deque(maxlen=_KEEP)
@@ -75,10 +75,14 @@ class LoopStats:
 
     # --- reporting --------------------------------------------------------
 
+    def count_safety_of(self, counters: Counter[str]) -> None:
+        """Report a safety layer's live counters too, from their values now on (a robot outlives loops)."""
+        self._safety_sources.append((counters, Counter(counters)))
+
     def interventions(self) -> Counter[str]:
         total = Counter(self.safety)
-        for source in self.safety_sources:
-            total.update(source)
+        for live, at_start in self._safety_sources:
+            total.update(live - at_start)
         return total
 
     def summary(self) -> dict:

@@ -1,8 +1,9 @@
 """Serve application builder: `import_path: serve_app.app:build_app` in serve_config.yaml.
 
-The checkpoint is opened and its weights checked against the policy here, in
-the process that deploys, so a wrong path or a mismatched file fails the
-deploy at once with the file and keys named, before any replica starts.
+Every checkpoint (args.checkpoint and each of args.checkpoints) is opened and
+its weights checked against the policy here, in the process that deploys, so a
+wrong path or a mismatched file fails the deploy at once with the model, the
+file and the keys named, before any replica starts.
 
 `application(app)` is the same application for `serve.run` (the launcher,
 benchmarks): one entry of serve_config.yaml's `applications`, with the options
@@ -18,7 +19,8 @@ from typing import Any
 from ray.serve import Application, Deployment
 from ray.serve.schema import DeploymentSchema
 
-from serve_app.checkpoint import open_checkpoint
+from serve_app.checkpoint import CheckpointError, open_checkpoint
+from serve_app.model_table import model_table
 from serve_app.policies import verify_checkpoint
 from serve_app.replica import RobotPolicyReplica
 
@@ -67,13 +69,26 @@ def application(app: dict[str, Any]) -> Application:
 
 
 def replica_args(args: dict[str, Any]) -> dict[str, Any]:
-    """The replica's constructor arguments from `args`, its checkpoint resolved and verified."""
+    """The replica's constructor arguments from `args`, every checkpoint resolved and verified."""
     args = dict(args)
     unknown = set(args) - REPLICA_ARGS
     if unknown:
         raise ValueError(f"serve_app: unknown args {sorted(unknown)}; known: {sorted(REPLICA_ARGS)}")
-    if "checkpoint" not in args:
-        raise ValueError("serve_app: args.checkpoint is required (a checkpoint directory or its train_config.json)")
-    args["checkpoint"] = resolve_checkpoint(args["checkpoint"])
-    verify_checkpoint(open_checkpoint(args["checkpoint"], args.get("pretrained_path")), args.get("preprocessing"))
+    table = model_table(args.get("checkpoint"), args.get("checkpoints"), args.get("default_model"), resolve_checkpoint)
+    if args.get("checkpoint"):
+        args["checkpoint"] = table.directory(table.default)
+    if args.get("checkpoints"):
+        args["checkpoints"] = {name: table.directory(name) for name in args["checkpoints"]}
+    capacity = args.get("max_models_per_replica", 3)
+    if len(table.checkpoints) > 1 and (not isinstance(capacity, int) or capacity < 2):
+        raise ValueError(f"serve_app: args.max_models_per_replica is {capacity!r}; with several checkpoints a replica "
+                         "must hold at least 2 (the default, always loaded, and one more)")
+    for name in table.names:
+        pretrained = args.get("pretrained_path") if name == table.default else None
+        try:
+            verify_checkpoint(open_checkpoint(table.directory(name), pretrained), args.get("preprocessing"))
+        except CheckpointError as err:
+            if len(table.checkpoints) == 1:
+                raise
+            raise CheckpointError(f"model {name!r}: {err}") from None
     return args

@@ -120,6 +120,68 @@ class SerialTrigger:
         """Nothing to apply: without Serve there is no batch wait."""
 
 
+@dataclass(frozen=True)
+class EngineExecutors:
+    """The threads an engine computes on: decoding of large frames, and the one device thread."""
+
+    decode: ThreadPoolExecutor
+    device: ThreadPoolExecutor
+
+    @classmethod
+    def own(cls, decode_threads: int = 2) -> EngineExecutors:
+        return cls(ThreadPoolExecutor(decode_threads, thread_name_prefix="decode"),
+                   ThreadPoolExecutor(1, thread_name_prefix="device"))
+
+
+class SharedTrigger:
+    """One trigger for the engines of several models in a replica: their passes run one at a time.
+
+    Each engine's pass still takes only its own queue, so a batch never mixes models. Inside Serve
+    the underlying trigger is one `@serve.batch` for the replica: a model loaded or evicted at run
+    time adds or leaves no batching task behind (a `@serve.batch` per engine would keep an evicted
+    model alive in its queue's task). Serve splits a batch by `multiplexed_model_id` and runs the
+    parts concurrently, so the lock here keeps passes strictly in turn: the pass clock's estimates,
+    and so the deadline drops, assume a pass has the device to itself.
+    """
+
+    def __init__(self, make: Callable[[RunPass, BatchSettings], Trigger], settings: BatchSettings):
+        self._trigger = make(self._run_passes, settings)
+        self._lock, self._loop = asyncio.Lock(), None
+
+    def __call__(self, run_pass: RunPass, ticket: Ticket) -> Awaitable:
+        return self._trigger((run_pass, ticket))
+
+    def for_engine(self, run_pass: RunPass, settings: BatchSettings) -> Trigger:
+        """An engine's trigger (pass this method as Engine's `trigger`)."""
+        return _EngineTrigger(self, run_pass)
+
+    def configure(self, settings: BatchSettings) -> None:
+        self._trigger.configure(settings)
+
+    async def _run_passes(self, items: list[tuple[RunPass, Ticket]]) -> list[None]:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a lock serves one event loop (tests run several in turn)
+            self._lock, self._loop = asyncio.Lock(), loop
+        by_engine: dict[RunPass, list[Ticket]] = {}
+        for run_pass, ticket in items:
+            by_engine.setdefault(run_pass, []).append(ticket)
+        async with self._lock:
+            for run_pass, tickets in by_engine.items():
+                await run_pass(tickets)
+        return [None] * len(items)
+
+
+class _EngineTrigger:
+    def __init__(self, shared: SharedTrigger, run_pass: RunPass):
+        self._shared, self._run_pass = shared, run_pass
+
+    def __call__(self, ticket: Ticket) -> Awaitable:
+        return self._shared(self._run_pass, ticket)
+
+    def configure(self, settings: BatchSettings) -> None:
+        self._shared.configure(settings)
+
+
 class Engine:
     def __init__(
         self,
@@ -132,6 +194,7 @@ class Engine:
         decode_threads: int = 2,
         inline_decode_max_pixels: int = 2 * 640 * 480,
         clock: Callable[[], float] = time.perf_counter,
+        executors: EngineExecutors | None = None,
     ):
         self.policy = policy
         self.spec = policy.spec
@@ -144,9 +207,10 @@ class Engine:
         # chunks/s without it. Larger frames go to the pool so that one robot's
         # 4K camera cannot stall every other robot on this replica.
         self._inline_decode_max_pixels = inline_decode_max_pixels
-        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
-        # One device thread: forward passes never overlap on the device.
-        self._device = ThreadPoolExecutor(1, thread_name_prefix="device")
+        # One device thread: forward passes never overlap on the device. Engines of several models in
+        # one replica share theirs (and the decode pool), so that they still take turns on the device.
+        executors = executors or EngineExecutors.own(decode_threads)
+        self._decode_pool, self._device = executors.decode, executors.device
         self._settings = settings
         self._queue = DeadlineQueue(deadline_aware=settings.scheduling == "deadline")
         self._pass_clock = PassClock()

@@ -235,6 +235,10 @@ class ReacherRos2Sim:
     def episode_over(self) -> threading.Event:
         return self.robot.episode_over
 
+    @property
+    def ticks(self) -> int:
+        return self.robot.ticks
+
     def reset(self, seed: int, timeout_s: float = 30.0) -> None:
         """A new seeded episode: physics paused, arm holding, its first state published."""
         with self._publish_lock:

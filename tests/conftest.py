@@ -243,3 +243,23 @@ def tiny_dir(tmp_path_factory) -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.make_tiny(tmp_path_factory.mktemp("pi05") / "tiny", seed=0)
+
+
+def variant_checkpoint(directory: Path, seed: int) -> Path:
+    """A servable copy of the demo checkpoint with other weights: the demo's, its MLP head moved by seeded
+    noise (same spec and normalisation, so the chunks stay finite and in range, but differ)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DEMO_CHECKPOINT / "train_config.json", directory / "train_config.json")
+    weights = load_file(str(DEMO_CHECKPOINT / "model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in weights.items():
+        if name.startswith("head.") and name.endswith(".weight"):
+            weights[name] = tensor + 0.05 * torch.randn(tensor.shape, generator=generator)
+    save_file(weights, str(directory / "model.safetensors"))
+    return directory

@@ -44,3 +44,19 @@ def observation(
 
 def chunk_array(response: pb.ActionChunkResponse) -> np.ndarray:
     return np.array([row.values for row in response.action_chunk], dtype=np.float32)
+
+
+class CallContext:
+    """What a replica method reads of a gRPC call: its metadata (as keywords), and where its status goes."""
+
+    def __init__(self, **metadata):
+        self.metadata, self.code, self.details = tuple(metadata.items()), None, None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details

@@ -12,7 +12,7 @@ from policy_wire.input_spec import InputSpec
 from serve_app.engine import FAILED_PASSES_UNHEALTHY
 from serve_app.replica import BatchSettings, RobotPolicyReplica
 from tests.conftest import DEMO_CHECKPOINT
-from tests.payloads import observation
+from tests.payloads import CallContext, observation
 
 
 @pytest.fixture()
@@ -20,26 +20,12 @@ def replica():
     return RobotPolicyReplica.func_or_class(checkpoint=str(DEMO_CHECKPOINT), api_key_env=None)
 
 
-class Context:
-    def __init__(self, metadata=()):
-        self.metadata, self.code, self.details = metadata, None, None
-
-    def invocation_metadata(self):
-        return self.metadata
-
-    def set_code(self, code):
-        self.code = code
-
-    def set_details(self, details):
-        self.details = details
-
-
 def test_check_health_fails_once_forward_passes_keep_failing(replica):
     asyncio.run(replica.check_health())
     with torch.no_grad():
         replica._engine.policy.net.head[0].weight.fill_(float("nan"))
     for _ in range(FAILED_PASSES_UNHEALTHY):
-        context = Context()
+        context = CallContext()
         asyncio.run(replica.GetActionChunk(observation(), grpc_context=context))
         assert context.code == grpc.StatusCode.INTERNAL and "see the server log" in context.details
     with pytest.raises(RuntimeError, match="forward passes failed"):
@@ -47,7 +33,7 @@ def test_check_health_fails_once_forward_passes_keep_failing(replica):
 
 
 def test_unary_bad_input_sets_status_on_the_context(replica):
-    context = Context()
+    context = CallContext()
     request = observation()
     request.ClearField("images")
     response = asyncio.run(replica.GetActionChunk(request, grpc_context=context))
@@ -64,27 +50,27 @@ def test_user_config_is_validated():
 
 
 def test_health_check_response(replica):
-    health = asyncio.run(replica.HealthCheck(pb.HealthCheckRequest(), grpc_context=Context()))
+    health = asyncio.run(replica.HealthCheck(pb.HealthCheckRequest(), grpc_context=CallContext()))
     assert health.healthy and health.replica_id == "local" and health.chunk_length == 16
     advertised = InputSpec(**{name: getattr(health, name) for name in InputSpec.__dataclass_fields__})
     assert advertised == replica._engine.spec  # every field of the spec, from its one list
 
 
 def test_time_to_starvation_is_the_deadline_and_a_bad_one_is_invalid_argument(replica):
-    context = Context()
+    context = CallContext()
     request = observation()
     request.time_to_starvation_ms = -5
     asyncio.run(replica.GetActionChunk(request, grpc_context=context))
     assert context.code == grpc.StatusCode.INVALID_ARGUMENT and "time_to_starvation_ms" in context.details
 
     request.time_to_starvation_ms = 1e-6  # gone before the pass: dropped, status on the call
-    context = Context()
+    context = CallContext()
     response = asyncio.run(replica.GetActionChunk(request, grpc_context=context))
     assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED and "dropped before the forward pass" in context.details
     assert not response.action_chunk
 
     request.time_to_starvation_ms = 60_000
-    context = Context()
+    context = CallContext()
     response = asyncio.run(replica.GetActionChunk(request, grpc_context=context))
     assert context.code is None and len(response.action_chunk) == 16
 

@@ -304,6 +304,8 @@ def test_a_control_loop_rides_out_an_overload_holding_the_robot_and_resumes_on_t
     assert stats.holds >= 1 and stats.resumes >= 1 and acts_between(loop, loop.hold_times[-1])
     assert client.epoch == 0 and server.policy.health == 1 and len(set(server.policy.peers)) == 1
     assert server.policy.streams == (1 if mode == "stream" else 0)
+    # Nor did the loop treat a refusal as a gap: chunks asked for before it still count.
+    assert loop.executor.epoch == 0
 
 
 def test_a_message_over_the_servers_size_limit_is_refused_for_good_not_backed_off():
