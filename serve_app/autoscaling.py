@@ -34,6 +34,12 @@ class RobotLoadPolicy:
         self.target_device_busy = target_device_busy
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        if ctx.current_num_replicas < ctx.target_num_replicas:
+            # Replicas are starting. Their start-up (imports, weights, warm-up) takes the CPU the
+            # running ones serve with, and they report nothing yet, so the observations served now
+            # understate what robots send: judged on them, the policy undid the scale-up it was in
+            # the middle of (seen on 2 cores: 1 -> 3 replicas, then 3 -> 1 under the same 24 robots).
+            return ctx.target_num_replicas, {}
         metrics = ctx.aggregated_metrics or {}
         if not metrics.get(OBSERVATIONS_PER_S):
             # No report yet (replicas starting): keep what Serve is already aiming for.
