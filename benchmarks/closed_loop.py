@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,7 @@ def served_condition(address: str, seeds: list[int], delay_ms: float, execution:
         client.close()
     ticks = sum(e["ticks"] for e in episodes)
     latencies = [e["latency_ms_p50"] for e in episodes if np.isfinite(e["latency_ms_p50"])]
-    safety = {}
-    for e in episodes:
-        for kind, n in e["safety"].items():
-            safety[kind] = safety.get(kind, 0) + n
+    safety = sum((Counter(e["safety"]) for e in episodes), Counter())
     summary = {
         "port": port, "delay_ms_each_way": delay_ms, "execution": execution,
         "success_rate": float(np.mean([e["success"] for e in episodes])),
@@ -86,7 +84,7 @@ def served_condition(address: str, seeds: list[int], delay_ms: float, execution:
         "starvation": sum(e["starved"] for e in episodes) / max(1, ticks),  # ticks with no fresh action / ticks
         "round_trip_ms_p50": float(np.median(latencies)) if latencies else float("nan"),
         "late_physics_ticks": sum(e["late_physics_ticks"] for e in episodes),
-        "safety_ticks": safety,  # ticks the safety layer changed a command, by kind (robot_client/safety.py)
+        "safety_ticks": dict(safety),  # ticks the safety layer changed a command, by kind (robot_client/safety.py)
         "episodes": episodes,
     }
     logging.getLogger("closed_loop").warning(

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from serve_app.errors import RequestError
+from serve_app.fleet_metadata import metadata_value
 
 METADATA_KEY = "x-api-key"
 logger = logging.getLogger("ray.serve")
@@ -47,11 +48,7 @@ class ApiKeyGate:
         """Raise UNAUTHENTICATED unless the call carries the right x-api-key."""
         if self._key is None:
             return
-        given = b""
-        for key, value in grpc_context.invocation_metadata() if grpc_context is not None else ():
-            if key.lower() == METADATA_KEY:
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                break
+        given = metadata_value(grpc_context, METADATA_KEY).encode()
         if not hmac.compare_digest(given, self._key):
             reason = "missing" if not given else "wrong"
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"{reason} API key: send metadata '{METADATA_KEY}'")

@@ -1,7 +1,7 @@
 """What a robot says about itself in gRPC metadata: the model it wants, and who it is.
 
     multiplexed_model_id   a name from args.checkpoints (none: the default model)
-    robot_id               optional; labels the per-robot metrics (serve_app/robot_metrics.py)
+    robot_id               optional; labels the per-robot metrics (serve_app/metrics.py)
 
 The model id is read through Serve (`serve.get_multiplexed_model_id()`), which carries it in both
 ingress modes: Ray 2.60's direct ingress (HAProxy) copies the call's `multiplexed_model_id`
@@ -34,6 +34,7 @@ def robot_of(grpc_context) -> str:
 
 
 def metadata_value(grpc_context, key: str) -> str:
+    """A call's metadata value under `key` ('' if absent); also what serve_app/auth.py reads the API key with."""
     if grpc_context is None:
         return ""
     metadata = getattr(grpc_context, "invocation_metadata", None)

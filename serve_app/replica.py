@@ -154,12 +154,11 @@ class RobotPolicyReplica:
         )
         self._reports.robots.model_event(default, "loaded", load_ms)
         self._check_ms: dict[str, float] = {}  # each model's last strict check, added to its cold start
+        self._gauges: asyncio.Task | None = None
         if len(self._table.checkpoints) > 1:
             # The strict check's first run in a process builds the policy on torch's meta device,
             # which costs ~1.7 s once: pay it here, not in the first robot's call for another model.
             self._verify(self._table.directory(default))
-        self._gauges: asyncio.Task | None = None
-        if len(self._table.checkpoints) > 1:
             announce(f"models {', '.join(self._table.names)} (default {default!r}); up to "
                      f"{max_models_per_replica} loaded at once, others on first use")
 
